@@ -158,7 +158,7 @@ def load_base(spec: str | os.PathLike, dtype=None):
 def tiny_model(kind: str = "llama", seed: int = 0):
     """A 2-layer random model of a real architecture, for fast tests. Deterministic for a seed."""
     import torch
-    from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
+    from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     if kind == "llama":
@@ -170,8 +170,11 @@ def tiny_model(kind: str = "llama", seed: int = 0):
         config = BertConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                             num_attention_heads=4, max_position_embeddings=64)
         model = BertModel(config)
+    elif kind == "gpt2":  # Conv1D layers: LoRA needs fan_in_fan_out
+        config = GPT2Config(vocab_size=128, n_embd=32, n_layer=2, n_head=4, n_positions=64)
+        model = GPT2LMHeadModel(config)
     else:
-        raise ModelError(f"Unknown tiny model kind {kind!r}; use 'llama' or 'bert'.")
+        raise ModelError(f"Unknown tiny model kind {kind!r}; use 'llama', 'bert' or 'gpt2'.")
     return model.eval()
 
 
