@@ -63,14 +63,24 @@ def _run_models(args) -> int:
     return 0
 
 
-# ------------------------------------------------------------------------------- package (OTA bundles)
-# Subcommands keygen, package, verify, install, list, rollback live in edge_lora/stages/package.py.
-def _add_package_commands(sub) -> None:
-    try:
-        from edge_lora.stages import package
-    except ImportError:  # stage not built yet
-        return
-    package.add_cli(sub)
+# ------------------------------------------------------------------------------- stage subcommands
+# Stages that own a verb define it next to their code, in an add_cli(subparsers) function:
+#   edge_lora.pipeline: export, validate;  edge_lora.stages.compress: compress;
+#   edge_lora.stages.package: keygen, package, verify, install, list, rollback.
+STAGE_CLIS = ("edge_lora.pipeline", "edge_lora.stages.compress", "edge_lora.stages.package")
+
+
+def _add_stage_commands(sub) -> None:
+    import importlib
+
+    for name in STAGE_CLIS:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != name:
+                raise
+            continue  # TODO(lead): remove once every stage module exists
+        module.add_cli(sub)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -83,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     _add_inspect(sub)
     _add_models(sub)
-    _add_package_commands(sub)
+    _add_stage_commands(sub)
     return parser
 
 
