@@ -10,7 +10,7 @@ import argparse
 import json
 import sys
 
-from edge_lora.errors import EdgeLoraError
+from edge_lora.errors import CompatibilityError, EdgeLoraError
 
 
 # ---------------------------------------------------------------------------------------------- inspect
@@ -19,7 +19,7 @@ def _add_inspect(sub) -> None:
         "inspect",
         help="show an adapter's modules, ranks, scales, spectra and sizes; check it against a base model",
         description="Read a PEFT LoRA adapter folder and print, per module, rank, scale, singular values "
-                    "(rank holding 50/90/99%% of the energy), params and bytes, then totals. With --base, "
+                    "(rank holding 50/90/99% of the energy), params and bytes, then totals. With --base, "
                     "also check that every target module exists in the base with matching shapes.",
     )
     p.add_argument("adapter", help="PEFT LoRA folder (adapter_config.json + adapter_model.safetensors)")
@@ -29,14 +29,14 @@ def _add_inspect(sub) -> None:
 
 
 def _run_inspect(args) -> int:
-    from edge_lora import inspect as inspect_mod
+    from edge_lora import inspection
 
-    report = inspect_mod.inspect_adapter(args.adapter, base=args.base)
+    report = inspection.inspect_adapter(args.adapter, base=args.base)
     if args.json:
         print(json.dumps(report, indent=2))
     else:
-        inspect_mod.print_report(report)
-    return 0 if report.get("compatible", True) else 4
+        inspection.print_report(report)
+    return 0 if report.get("compatible", True) else CompatibilityError.exit_code
 
 
 # ---------------------------------------------------------------------------------------------- models
