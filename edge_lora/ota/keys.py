@@ -1,0 +1,118 @@
+"""Ed25519 signing keys for OTA packages (``cryptography``).
+
+``keygen`` writes ``ota_ed25519.key`` (PKCS#8 PEM, mode 0600, created exclusively so no other process can have
+it open) and ``ota_ed25519.pub`` (SubjectPublicKeyInfo PEM) into a folder. A key id is the first 16 hex digits
+of sha256 over the raw 32-byte public key; packages carry it so a wrong-key error can say which key signed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+from pathlib import Path
+
+from edge_lora.errors import PackageError
+
+PRIVATE_NAME = "ota_ed25519.key"
+PUBLIC_NAME = "ota_ed25519.pub"
+
+
+def _ed():
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    return ed25519
+
+
+def raw_public(public_key) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
+    return public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+def key_id(public_key) -> str:
+    return hashlib.sha256(raw_public(public_key)).hexdigest()[:16]
+
+
+def keygen(out_dir: str | os.PathLike, force: bool = False) -> tuple[Path, Path]:
+    """Write a fresh key pair into ``out_dir``; returns (private path, public path)."""
+    from cryptography.hazmat.primitives import serialization
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    priv_path, pub_path = out / PRIVATE_NAME, out / PUBLIC_NAME
+    for p in (priv_path, pub_path):
+        if (p.exists() or p.is_symlink()) and not force:
+            raise PackageError(f"{p} already exists; refusing to overwrite a signing key. Pick another --out "
+                               "folder, or pass --force if you really mean to replace it (packages signed with "
+                               "the old key will no longer verify against the new public key).")
+    key = _ed().Ed25519PrivateKey.generate()
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                            serialization.NoEncryption())
+    pub = key.public_key().public_bytes(serialization.Encoding.PEM,
+                                        serialization.PublicFormat.SubjectPublicKeyInfo)
+    for path, data, mode in ((priv_path, pem, 0o600), (pub_path, pub, 0o644)):
+        if force and (path.exists() or path.is_symlink()):
+            path.unlink()
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), mode)
+        try:
+            os.fchmod(fd, mode)  # the umask may have taken bits away; make the mode exact
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    return priv_path, pub_path
+
+
+def _read_key_file(path: str | os.PathLike, what: str) -> bytes:
+    p = Path(path)
+    if p.is_dir():
+        name = PRIVATE_NAME if what == "private" else PUBLIC_NAME
+        p = p / name
+    try:
+        st = p.stat()
+    except OSError as exc:
+        raise PackageError(f"Cannot read the {what} key {p}: {exc.strerror}. Create a pair with "
+                           "`python -m edge_lora keygen --out DIR`.") from exc
+    if not stat.S_ISREG(st.st_mode) or st.st_size > 16384:
+        raise PackageError(f"{p} is not a key file (not a regular file of at most 16 KiB).")
+    if what == "private" and os.name == "posix" and st.st_mode & 0o077:
+        raise PackageError(f"The private key {p} is readable by other users (mode {oct(st.st_mode & 0o777)}). "
+                           f"Run `chmod 600 {p}`, and consider the key leaked if others could log in.")
+    return p.read_bytes()
+
+
+def load_private_key(path: str | os.PathLike):
+    from cryptography.hazmat.primitives import serialization
+
+    data = _read_key_file(path, "private")
+    try:
+        key = serialization.load_pem_private_key(data, password=None)
+    except (ValueError, TypeError) as exc:
+        raise PackageError(f"{path} is not an unencrypted PEM private key ({exc}). Use the "
+                           f"{PRIVATE_NAME} written by `python -m edge_lora keygen`.") from exc
+    if not isinstance(key, _ed().Ed25519PrivateKey):
+        raise PackageError(f"{path} holds a {type(key).__name__}; OTA packages are signed with Ed25519 keys "
+                           "only. Make one with `python -m edge_lora keygen --out DIR`.")
+    return key
+
+
+def load_public_key(path: str | os.PathLike):
+    """A PEM public key, or a file holding exactly 32 raw bytes / 64 hex digits."""
+    from cryptography.hazmat.primitives import serialization
+
+    data = _read_key_file(path, "public")
+    ed = _ed()
+    try:
+        if data.lstrip().startswith(b"-----BEGIN"):
+            key = serialization.load_pem_public_key(data)
+        elif len(data) == 32:
+            key = ed.Ed25519PublicKey.from_public_bytes(data)
+        else:
+            key = ed.Ed25519PublicKey.from_public_bytes(bytes.fromhex(data.decode("ascii").strip()))
+    except (ValueError, TypeError, UnicodeDecodeError) as exc:
+        raise PackageError(f"{path} is not an Ed25519 public key (PEM, 32 raw bytes or 64 hex digits): "
+                           f"{exc}. Use the {PUBLIC_NAME} written by keygen.") from exc
+    if not isinstance(key, ed.Ed25519PublicKey):
+        raise PackageError(f"{path} holds a {type(key).__name__}; the trusted key must be Ed25519.")
+    return key

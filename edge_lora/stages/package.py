@@ -1,0 +1,459 @@
+"""Package stage: a trained adapter (PEFT folder, or an export folder with an ``.onnx_adapter``) -> one signed
+OTA file; and the CLI verbs keygen, package, verify, install, list, rollback. Device-side code lives in
+``edge_lora.ota`` and never imports torch unless a torch-logits probe is run. Format: docs/ota.md.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import stat
+import tempfile
+import time
+from pathlib import Path
+
+from edge_lora import __version__
+from edge_lora.errors import CompatibilityError, PackageError
+from edge_lora.ota import codec
+from edge_lora.ota.container import DEFAULT_LIMITS, Limits, check_name, pack_container, write_atomic
+from edge_lora.ota.manifest import FORMAT, FORMAT_VERSION, canonical_json, open_package, payload_digest
+from edge_lora.ota.probe import CONFIG_NAME, WEIGHTS_NAME, ProbeSkipped, build_factors, build_torch_logits
+
+ROLES = {CONFIG_NAME: "peft-config", WEIGHTS_NAME: "peft-weights"}
+ORT_SUFFIX = ".onnx_adapter"
+SUMMARY_FILES = ("metrics.json", "report.json", "export.json")  # read for the validation/requirements summary
+
+
+# ---------------------------------------------------------------------------------------------- inputs
+def collect_payload(src: str | os.PathLike, limits: Limits = DEFAULT_LIMITS) -> dict[str, tuple[str, bytes]]:
+    """name -> (role, bytes) of the files that travel: the PEFT pair and any ``*.onnx_adapter``."""
+    folder = Path(src)
+    if not folder.is_dir():
+        raise PackageError(f"{folder} is not a folder. Pass a PEFT adapter folder (adapter_config.json + "
+                           "adapter_model.safetensors) or an export folder holding a .onnx_adapter file.")
+    out: dict[str, tuple[str, bytes]] = {}
+    for p in sorted(folder.iterdir()):
+        role = ROLES.get(p.name) or ("ort-adapter" if p.name.endswith(ORT_SUFFIX) else None)
+        if role is None:
+            continue
+        st = os.lstat(p)
+        if not stat.S_ISREG(st.st_mode):
+            raise PackageError(f"{p} is a link or not a regular file; package real files only (copy it in).")
+        check_name(p.name, str(folder))
+        if st.st_size > limits.max_entry_bytes:
+            raise PackageError(f"{p} is {st.st_size} bytes, over the per-entry limit of {limits.max_entry_bytes}.")
+        out[p.name] = (role, p.read_bytes())
+    peft = {CONFIG_NAME, WEIGHTS_NAME} & set(out)
+    if len(peft) == 1:
+        missing = ({CONFIG_NAME, WEIGHTS_NAME} - peft).pop()
+        raise PackageError(f"{folder} has {peft.pop()} but no {missing}: a PEFT adapter needs both (pickled "
+                           "adapter_model.bin is not accepted; re-save with safe_serialization=True).")
+    if not out:
+        raise PackageError(f"{folder} holds no adapter: expected {CONFIG_NAME} + {WEIGHTS_NAME} (PEFT) or a "
+                           f"*{ORT_SUFFIX} file (hot-swap export).")
+    return out
+
+
+def _summaries(folder: Path) -> dict:
+    """Scalar fields of metrics.json / report.json / export.json next to the adapter, if present."""
+    out = {}
+    for name in SUMMARY_FILES:
+        p = folder / name
+        if not p.is_file() or p.is_symlink() or p.stat().st_size > 1 << 20:
+            continue
+        try:
+            data = json.loads(p.read_text())
+        except (ValueError, UnicodeDecodeError):
+            continue
+        if isinstance(data, dict):
+            out[name] = {k: v for k, v in list(data.items())[:64]
+                         if isinstance(v, (str, int, bool)) or (isinstance(v, float) and math.isfinite(v))}
+    return out
+
+
+def _check_adapter(payload: dict[str, tuple[str, bytes]], base_path: Path | None) -> dict:
+    """Packager-side validation: config is LoRA, tensors finite, shapes fit the base. Returns a summary."""
+    import numpy as np
+
+    from edge_lora.ota.codec import safetensors_layout
+    from edge_lora.ota.probe import lora_modules, read_safetensors_numpy
+
+    summary: dict = {}
+    if WEIGHTS_NAME not in payload:
+        return summary
+    try:
+        config = json.loads(payload[CONFIG_NAME][1])
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise PackageError(f"{CONFIG_NAME} is not valid JSON ({exc}).") from exc
+    if not isinstance(config, dict) or str(config.get("peft_type", "")).upper() != "LORA":
+        raise PackageError(f"{CONFIG_NAME}: peft_type must be 'LORA'.")
+    try:
+        tensors = read_safetensors_numpy(payload[WEIGHTS_NAME][1], WEIGHTS_NAME)
+        mods = lora_modules(tensors)
+    except PackageError as exc:
+        raise PackageError(f"{WEIGHTS_NAME} is not a readable LoRA adapter: {exc}") from exc
+    bad = [n for n, t in tensors.items() if not np.all(np.isfinite(t))]
+    if bad:
+        raise PackageError(f"{WEIGHTS_NAME}: tensor {bad[0]} has NaN or Inf values; the training run diverged. "
+                           "Refusing to ship it.")
+    layout = safetensors_layout(payload[WEIGHTS_NAME][1])
+    dtypes: dict[str, int] = {}
+    for dtype, *_ in layout[1].values():
+        dtypes[dtype] = dtypes.get(dtype, 0) + 1
+    summary.update(finite=True, modules=len(mods), tensor_dtypes=dtypes,
+                   params=int(sum(t.size for t in tensors.values())))
+    if base_path is not None:
+        shapes = _base_shapes(base_path)
+        for name, (a, b, _) in mods.items():
+            key = next((k for k in (f"{name}.weight", name) if k in shapes), None) or next(
+                (k for k in shapes if k.endswith(f".{name}.weight")), None)
+            if key is None:
+                raise CompatibilityError(f"adapter module {name} has no weight in the base model {base_path}; "
+                                         "the adapter was trained for another architecture.")
+            if tuple(shapes[key][:2]) not in ((b.shape[0], a.shape[1]), (a.shape[1], b.shape[0])):
+                raise CompatibilityError(f"adapter module {name} updates a {b.shape[0]}x{a.shape[1]} weight but "
+                                         f"the base's {key} is {list(shapes[key])}; wrong base model.")
+        summary["base_shapes"] = "ok"
+    return summary
+
+
+def _base_shapes(folder: Path) -> dict[str, tuple]:
+    import struct
+
+    shapes: dict[str, tuple] = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        with open(f, "rb") as fh:
+            n = struct.unpack("<Q", fh.read(8))[0]
+            header = json.loads(fh.read(min(n, 100 << 20)))
+        shapes.update({k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"})
+    return shapes
+
+
+def _metadata(payload) -> dict:
+    if WEIGHTS_NAME not in payload:
+        return {}
+    data = payload[WEIGHTS_NAME][1]
+    n = int.from_bytes(data[:8], "little")
+    try:
+        meta = json.loads(data[8:8 + n]).get("__metadata__") or {}
+    except (ValueError, AttributeError):
+        return {}
+    return {k: str(v)[:200] for k, v in list(meta.items())[:16]}
+
+
+# ---------------------------------------------------------------------------------------------- build
+def build_package(src, key, version: int, base, out, from_package=None, adapter_id: str | None = None,
+                  level: int = codec.ZSTD_LEVEL, probes=("factors", "torch-logits"), limits: Limits = DEFAULT_LIMITS,
+                  base_hash: str | None = None) -> dict:
+    """Write a signed full (or, with ``from_package``, delta) package; return a summary.
+
+    ``key`` is a private key path or object; ``base`` an HF folder or 'smollm2' (``base_hash`` skips hashing it
+    again when the caller knows it)."""
+    from edge_lora.models import base_content_hash, is_causal_lm, resolve_base
+    from edge_lora.ota.keys import key_id, load_private_key
+
+    t0 = time.perf_counter()
+    src = Path(src)
+    if type(version) is not int or version < 1:
+        raise PackageError(f"--version must be a positive integer, not {version!r}.")
+    priv = load_private_key(key) if isinstance(key, (str, os.PathLike)) else key
+    pub = priv.public_key()
+    adapter_id = adapter_id or src.name
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", adapter_id):
+        raise PackageError(f"adapter id {adapter_id!r} must match [A-Za-z0-9][A-Za-z0-9._-]{{0,63}}; pass --id.")
+    payload = collect_payload(src, limits)
+    base_path = resolve_base(base)
+    bhash = base_hash or base_content_hash(base_path)
+    summaries = _summaries(src)
+    trained_on = summaries.get("metrics.json", {}).get("base_sha256")
+    if trained_on and trained_on != bhash:
+        raise CompatibilityError(f"{src}/metrics.json says the adapter was trained on base {trained_on[:16]}…, "
+                                 f"but --base {base} is {bhash[:16]}…. Package it with the base it was trained on.")
+    checks = _check_adapter(payload, base_path)
+
+    files = [{"name": n, "role": r, "size": len(d), "sha256": codec.sha256(d)} for n, (r, d) in payload.items()]
+    data = {n: d for n, (_, d) in payload.items()}
+
+    # probes
+    probe_list, skipped = [], []
+    with tempfile.TemporaryDirectory(prefix="edge-lora-pkg-") as tmp:
+        for n, d in data.items():
+            (Path(tmp) / n).write_bytes(d)
+        for kind in probes:
+            try:
+                if kind == "factors":
+                    probe_list.append(build_factors(data))
+                elif kind == "torch-logits":
+                    if WEIGHTS_NAME not in data:
+                        raise ProbeSkipped("no PEFT weights in the payload")
+                    from transformers import AutoConfig
+
+                    if not is_causal_lm(AutoConfig.from_pretrained(base_path, local_files_only=True)):
+                        raise ProbeSkipped("the base is not a causal LM")
+                    from edge_lora.models import load_base
+
+                    probe_list.append(build_torch_logits(lambda: load_base(base_path)[0], tmp))
+                    checks["adapter_changes_output_max_abs"] = probe_list[-1]["adapter_effect_max_abs"]
+                    if probe_list[-1]["adapter_effect_max_abs"] == 0.0:
+                        raise PackageError(f"{src}: the adapter does not change the base model's output at all "
+                                           "(all-zero update?); refusing to ship a no-op adapter.")
+                else:
+                    raise PackageError(f"unknown probe kind {kind!r}; choose from factors, torch-logits.")
+            except ProbeSkipped as exc:
+                skipped.append(f"{kind}: {exc}")
+    if not probe_list:
+        raise PackageError(f"No probe could be built for {src} ({'; '.join(skipped)}); the device would have no "
+                           "way to check the adapter before switching to it.")
+
+    # entries
+    entries, blobs, delta, measured = [], [], None, {}
+    old_files: dict[str, bytes] = {}
+    if from_package is not None:
+        old = open_package(from_package, pub, limits)
+        om = old.manifest
+        if old.is_delta:
+            raise PackageError(f"--from {from_package} is itself a delta package; build deltas from the previous "
+                               "full package.")
+        if om["adapter_id"] != adapter_id:
+            raise PackageError(f"--from {from_package} is adapter {om['adapter_id']!r}, not {adapter_id!r}.")
+        if om["version"] >= version:
+            raise PackageError(f"--from {from_package} is version {om['version']}; --version must be higher.")
+        if om["base"]["content_hash"] != bhash:
+            raise PackageError(f"--from {from_package} is bound to another base model; a delta cannot move an "
+                               "adapter to a new base. Ship a full package.")
+        from edge_lora.ota.manifest import decode_payload
+
+        old_files = decode_payload(old, None, limits)
+        delta = {"from_version": om["version"], "from_payload_digest": om["payload"]["digest"],
+                 "unchanged": [], "measured": measured}
+    for f in files:
+        name, new = f["name"], data[f["name"]]
+        prev = old_files.get(name)
+        if delta is not None and prev is not None and codec.sha256(prev) == f["sha256"]:
+            delta["unchanged"].append(name)
+            continue
+        options = {"zstd": (codec.zstd_compress(new, level), len(new))}
+        if prev is not None:
+            options["zstd-patch"] = (codec.zstd_patch_compress(new, prev, level), len(new))
+            ops = codec.plan_tensor_delta(prev, new)
+            if ops is not None:
+                options["copy-ops"] = (codec.zstd_compress(ops, level), len(ops))
+            measured[name] = {k: len(v[0]) for k, v in options.items()}
+        enc = min(options, key=lambda k: len(options[k][0]))
+        stored, decoded = options[enc]
+        entries.append({"name": name, "encoding": enc, "stored_size": len(stored),
+                        "stored_sha256": codec.sha256(stored), "decoded_size": decoded})
+        blobs.append((name, stored))
+
+    base_cfg = {}
+    try:
+        base_cfg = json.loads((base_path / "config.json").read_text())
+    except (OSError, ValueError):
+        pass
+    roles = {f["role"] for f in files}
+    export = summaries.get("export.json", {})
+    requirements = {"min_reader_format": FORMAT_VERSION,
+                    "runtimes": ({"peft": ">=0.13", "safetensors": ">=0.4"} if "peft-weights" in roles else {})
+                    | ({"onnxruntime": ">=1.20"} if "ort-adapter" in roles else {}),
+                    "onnx_opset": export.get("opset")}
+    raw_total = sum(f["size"] for f in files)
+    stored_total = sum(len(b) for _, b in blobs)
+    compression = {"codec": "zstd", "level": level, "payload_bytes": raw_total, "stored_bytes": stored_total,
+                   "ratio": round(stored_total / raw_total, 4) if raw_total else None,
+                   "quantization": _metadata(payload) or {"factors": "as trained (no edge_lora quantization)"},
+                   "tensor_dtypes": checks.get("tensor_dtypes", {})}
+    validation = {"packager_checks": {k: v for k, v in checks.items() if k != "tensor_dtypes"},
+                  **{k: v for k, v in summaries.items() if k != "export.json"}}
+    if skipped:
+        validation["probes_skipped"] = skipped
+    manifest = {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "created_by": f"edge_lora {__version__}",
+        "adapter_id": adapter_id, "version": version, "signer": {"key_id": key_id(pub)},
+        "base": {"content_hash": bhash, "name": base_path.name,
+                 "architecture": (base_cfg.get("architectures") or [base_cfg.get("model_type", "unknown")])[0]},
+        "requirements": requirements,
+        "payload": {"files": files, "total_bytes": raw_total, "digest": payload_digest(files)},
+        "entries": entries, "delta": delta, "compression": compression, "validation": validation,
+        "probes": probe_list,
+    }
+    mbytes = canonical_json(manifest)
+    if len(mbytes) > limits.max_manifest_bytes:
+        raise PackageError(f"the manifest is {len(mbytes)} bytes, over the {limits.max_manifest_bytes}-byte limit.")
+    blob = pack_container(mbytes, priv.sign(mbytes), key_id(pub), blobs)
+    write_atomic(out, blob)
+    notes = []
+    full_estimate = sum(v["zstd"] for v in measured.values())
+    if delta is not None and full_estimate and stored_total > 0.8 * full_estimate:
+        notes.append("the delta is not much smaller than a full package (most tensors changed); consider "
+                     "shipping the full package, which installs without the previous version")
+    return {"out": str(out), "kind": "delta" if delta else "full", "notes": notes, "adapter_id": adapter_id,
+            "version": version, "bytes": len(blob), "payload_bytes": raw_total,
+            "entries": {e["name"]: e["encoding"] for e in entries},
+            "unchanged": delta["unchanged"] if delta else [], "measured": measured,
+            "probes": [p["kind"] for p in probe_list], "skipped": skipped, "base_hash": bhash,
+            "seconds": round(time.perf_counter() - t0, 3)}
+
+
+# ------------------------------------------------------------------------------------------------- CLI
+def _limits(args) -> Limits:
+    mb = getattr(args, "max_mb", None)
+    if mb is None:
+        return Limits()
+    b = int(mb * (1 << 20))
+    return Limits(max_package_bytes=b, max_entry_bytes=b, max_total_bytes=b)
+
+
+def _print(obj: dict, as_json: bool) -> None:
+    obj = {k: v for k, v in obj.items() if not k.startswith("_")}
+    if as_json:
+        print(json.dumps(obj, indent=2, default=str))
+        return
+    for k, v in obj.items():
+        if k == "probes" and isinstance(v, list) and v and isinstance(v[0], dict):
+            for p in v:
+                print(f"probe {p['kind']}: {p['status']} ({p['detail']})")
+        else:
+            print(f"{k}: {v}")
+
+
+def _run_keygen(args) -> int:
+    from edge_lora.ota.keys import key_id, keygen, load_public_key
+
+    priv, pub = keygen(args.out, force=args.force)
+    print(f"private key: {priv} (mode 0600; keep it off devices and out of git)")
+    print(f"public key:  {pub} (install it on devices; pass it with --pubkey)")
+    print(f"key id:      {key_id(load_public_key(pub))}")
+    return 0
+
+
+def _run_package(args) -> int:
+    probes = ("factors",) if args.probe == "factors" else ("factors", "torch-logits")
+    rep = build_package(args.adapter, args.key, args.version, args.base, args.out, from_package=args.from_package,
+                        adapter_id=args.id, level=args.level, probes=probes, limits=_limits(args))
+    _print(rep, args.json)
+    return 0
+
+
+def _run_verify(args) -> int:
+    from edge_lora.ota.install import verify_package
+    from edge_lora.ota.keys import load_public_key
+
+    probe_base = None
+    if args.base is not None and not re.fullmatch(r"[0-9a-f]{64}", str(args.base)):
+        from edge_lora.models import resolve_base
+
+        probe_base = resolve_base(args.base)
+    rep = verify_package(args.package, load_public_key(args.pubkey), args.root, args.base, _limits(args),
+                         run_probe=True, probe_base=probe_base)
+    rep.setdefault("probes", "not run (delta without --root)")
+    _print(rep, args.json)
+    print("OK: the package verifies" + (" against the install root" if args.root else "") + ".")
+    return 0
+
+
+def _run_install(args) -> int:
+    from edge_lora.ota.install import install
+    from edge_lora.ota.keys import load_public_key
+
+    rep = install(args.package, load_public_key(args.pubkey), args.root, args.base, _limits(args))
+    _print(rep, args.json)
+    print(f"installed {rep['adapter_id']} version {rep['version']} (previous: {rep['previous']}).")
+    return 0
+
+
+def _run_list(args) -> int:
+    from edge_lora.ota.install import list_installed
+
+    rows = list_installed(args.root)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    elif not rows:
+        print(f"nothing installed under {args.root}")
+    for r in rows if not args.json else []:
+        if "error" in r:
+            print(f"{r['adapter_id']}: {r['error']}")
+        else:
+            print(f"{r['adapter_id']}: current {r['version']}, previous {r['previous']}, highest {r['highest']}, "
+                  f"kept {r['kept']}, {r['status']}")
+    return 0 if all(r.get("status") == "ok" for r in rows) else 1
+
+
+def _run_rollback(args) -> int:
+    from edge_lora.ota.install import rollback
+    from edge_lora.ota.keys import load_public_key
+
+    pub = load_public_key(args.pubkey) if args.pubkey else None
+    rep = rollback(args.root, args.id, to=args.to, public_key=pub, base=args.base)
+    _print(rep, args.json)
+    return 0
+
+
+def add_cli(sub) -> None:
+    """Register keygen, package, verify, install, list, rollback on the CLI's subparsers."""
+    p = sub.add_parser("keygen", help="create an Ed25519 key pair for signing OTA packages",
+                       description="Write ota_ed25519.key (private, mode 0600) and ota_ed25519.pub into a folder. "
+                                   "Sign packages with the private key; give devices the public key.")
+    p.add_argument("--out", required=True, help="folder for the key pair (created if missing)")
+    p.add_argument("--force", action="store_true", help="replace an existing key pair in that folder")
+    p.set_defaults(func=_run_keygen)
+
+    p = sub.add_parser("package", help="build a signed OTA package (full, or a delta with --from)",
+                       description="Pack a PEFT adapter folder (or an export folder with a .onnx_adapter) into one "
+                                   "signed file: manifest (version, base model hash, sizes and sha256 of every "
+                                   "file, probe), zstd payload, Ed25519 signature. With --from, carry only what "
+                                   "changed since that full package. Format: docs/ota.md.")
+    p.add_argument("adapter", help="PEFT adapter folder or export folder")
+    p.add_argument("--key", required=True, help="private key file (or the keygen folder)")
+    p.add_argument("--version", required=True, type=int, help="integer version, higher than every earlier one")
+    p.add_argument("--base", required=True, help="base model the adapter is bound to: HF folder or 'smollm2'")
+    p.add_argument("--out", required=True, help="package file to write")
+    p.add_argument("--from", dest="from_package", help="previous FULL package: build a delta against it")
+    p.add_argument("--id", help="adapter id on devices (default: the adapter folder's name)")
+    p.add_argument("--level", type=int, default=codec.ZSTD_LEVEL, help="zstd level (default %(default)s)")
+    p.add_argument("--probe", choices=["all", "factors"], default="all",
+                   help="probes to embed: 'all' adds a torch-logits probe (loads the base) to 'factors'")
+    p.add_argument("--max-mb", type=float, help="size limit per entry and per package in MiB (default 1024)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(func=_run_package)
+
+    for name, helptext, desc in (
+        ("verify", "check a package's signature, hashes and (with --root) its fit to a device; writes nothing",
+         ("Verify the signature with the trusted public key, the manifest schema, every size and sha256, the "
+         "size limits, and run the probes. With --root also check the base model hash, the version (no "
+         "rollback, no replay) and rebuild a delta against the installed version.")),
+        ("install", "verify and install a package atomically into an install root",
+         ("All verify checks, then stage the files, fsync, run the probes, rename into ROOT/<id>/versions/<N> and "
+         "switch ROOT/<id>/current atomically. The previous version is kept for `rollback`. A failure leaves "
+         "the root as it was.")),
+    ):
+        p = sub.add_parser(name, help=helptext, description=desc)
+        p.add_argument("package", help="package file")
+        p.add_argument("--pubkey", required=True, help="trusted public key (ota_ed25519.pub)")
+        p.add_argument("--root", required=(name == "install"), help="install root folder")
+        p.add_argument("--base", help="the device's base model (HF folder or 'smollm2'; or its 64-hex content "
+                                      "hash). Default: the hash recorded in ROOT/base.json by an earlier install")
+        p.add_argument("--max-mb", type=float, help="size limit per entry and per package in MiB (default 1024)")
+        p.add_argument("--json", action="store_true", help="print the report as JSON")
+        p.set_defaults(func=_run_verify if name == "verify" else _run_install)
+
+    p = sub.add_parser("list", help="show installed adapters, their current/previous versions and health",
+                       description="For each adapter under ROOT: current, previous and highest version, kept "
+                                   "versions, and whether every file of the current one still matches its hash. "
+                                   "Exit 1 if one is damaged.")
+    p.add_argument("--root", required=True, help="install root folder")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=_run_list)
+
+    p = sub.add_parser("rollback", help="switch an adapter back to its kept previous version (explicit only)",
+                       description="Point ROOT/<id>/current at the previous kept version (or --to N) after "
+                                   "checking its files and running its probes. The highest version seen stays: "
+                                   "the version rolled back from cannot be reinstalled; publish a higher one.")
+    p.add_argument("--root", required=True, help="install root folder")
+    p.add_argument("--id", required=True, help="adapter id")
+    p.add_argument("--to", type=int, help="version to switch to (default: the previous one)")
+    p.add_argument("--pubkey", help="also re-verify the kept version's signature with this public key")
+    p.add_argument("--base", help="base model, to also run the torch-logits probe")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=_run_rollback)

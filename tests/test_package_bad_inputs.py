@@ -1,0 +1,306 @@
+"""Bad-input corpus for the device side: each case must raise one specific PackageError subclass with a message
+that says what is wrong, and leave the install root exactly as it was (every file, mode and link)."""
+# ruff: noqa: F811 (fixtures imported from package_fixtures are used as same-named arguments)
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import zstandard
+from package_fixtures import ota, resign, root_v1, snapshot  # noqa: F401 (fixtures)
+
+from edge_lora.errors import PackageError
+from edge_lora.ota import (
+    BaseMismatchError,
+    DeltaError,
+    FormatError,
+    IntegrityError,
+    ProbeError,
+    SignatureError,
+    SizeLimitError,
+    UnsafeEntryError,
+    VersionError,
+)
+from edge_lora.ota.codec import sha256
+from edge_lora.ota.container import DEFAULT_LIMITS, MAGIC, Limits
+from edge_lora.ota.install import install
+from edge_lora.ota.manifest import payload_digest
+
+
+def refused(root, pkg, pub, error, match, tmp_path, limits=DEFAULT_LIMITS, base=None):
+    """Install ``pkg`` (bytes or path): it must raise ``error`` matching ``match`` and change nothing."""
+    if isinstance(pkg, bytes):
+        path = tmp_path / "bad.elpkg"
+        path.write_bytes(pkg)
+        pkg = path
+    before = snapshot(root)
+    with pytest.raises(error, match=match) as info:
+        install(pkg, pub, root, base=base, limits=limits)
+    assert isinstance(info.value, PackageError)
+    assert snapshot(root) == before, "the install root changed"
+    return info.value
+
+
+def rename_entry(old, new):
+    """Mutations that rename a payload file and its entry in a signed manifest and the container."""
+    def mm(m):
+        for f in m["payload"]["files"]:
+            if f["name"] == old:
+                f["name"] = new
+        m["payload"]["digest"] = payload_digest(m["payload"]["files"])
+        for e in m["entries"]:
+            if e["name"] == old:
+                e["name"] = new
+
+    def me(entries):
+        return [(new if n == old else n, d, t) for n, d, t in entries]
+
+    return mm, me
+
+
+W = "adapter_model.safetensors"
+
+
+def test_tampered_payload_byte(ota, root_v1, tmp_path):
+    data = bytearray(ota.v2.read_bytes())
+    data[-10] ^= 0x40  # inside the last entry's zstd data
+    refused(root_v1, bytes(data), ota.pub, IntegrityError, "fails its sha256 check", tmp_path)
+
+
+def test_tampered_manifest(ota, root_v1, tmp_path):
+    data = ota.v2.read_bytes()
+    i = data.index(b'"version":2')
+    data = data[:i] + b'"version":7' + data[i + 11:]
+    refused(root_v1, data, ota.pub, SignatureError, "signature does not match the manifest", tmp_path)
+
+
+def test_wrong_key(ota, root_v1, tmp_path):
+    refused(root_v1, resign(ota.v2.read_bytes(), ota.other_priv), ota.pub, SignatureError,
+            "not signed by the trusted key", tmp_path)
+
+
+def test_wrong_key_with_forged_key_id(ota, root_v1, tmp_path):
+    # the attacker copies the trusted key id into the header; the signature still fails
+    from edge_lora.ota.keys import key_id
+
+    forged = resign(ota.v2.read_bytes(), ota.other_priv, hint=key_id(ota.pub))
+    refused(root_v1, forged, ota.pub, SignatureError, "does not match the manifest", tmp_path)
+
+
+@pytest.mark.parametrize("keep", [0.05, 0.5, 0.99])
+def test_truncated_file(ota, root_v1, tmp_path, keep):
+    data = ota.v2.read_bytes()
+    refused(root_v1, data[: int(len(data) * keep)], ota.pub, FormatError, "truncated", tmp_path)
+
+
+def test_not_a_package_and_trailing_bytes(ota, root_v1, tmp_path):
+    refused(root_v1, b"PK\x03\x04" + bytes(100), ota.pub, FormatError, "bad magic", tmp_path)
+    refused(root_v1, ota.v2.read_bytes() + b"\0", ota.pub, FormatError, "unexpected bytes after", tmp_path)
+
+
+def test_rollback_to_older_version(ota, root_v1, tmp_path):
+    install(ota.v2, ota.pub, root_v1)
+    refused(root_v1, ota.v1, ota.pub, VersionError, "older than the installed version 2", tmp_path)
+
+
+def test_replay_of_installed_version(ota, root_v1, tmp_path):
+    refused(root_v1, ota.v1, ota.pub, VersionError, r"already installed \(replay\)", tmp_path)
+
+
+def test_package_for_another_base(ota, root_v1, tmp_path):
+    refused(root_v1, ota.v2_other_base, ota.pub, BaseMismatchError, "built for base model", tmp_path)
+    # also when the device's base is given explicitly
+    refused(root_v1, ota.v2, ota.pub, BaseMismatchError, "built for base model", tmp_path, base=ota.other_base)
+
+
+@pytest.mark.parametrize("bad", ["../adapter_model.safetensors", "..", "x/../../etc/passwd", "a/b"])
+def test_path_traversal_signed(ota, root_v1, tmp_path, bad):
+    # even a manifest signed by the trusted key (a buggy or compromised packager) cannot escape the folder
+    mm, me = rename_entry(W, bad)
+    pkg = resign(ota.v2.read_bytes(), ota.priv, mm, me)
+    refused(root_v1, pkg, ota.pub, UnsafeEntryError, "'..'|path separator", tmp_path)
+
+
+def test_path_traversal_unsigned_container_name(ota, root_v1, tmp_path):
+    _, me = rename_entry(W, "../evil")
+    pkg = resign(ota.v2.read_bytes(), ota.priv, None, me)
+    refused(root_v1, pkg, ota.pub, UnsafeEntryError, "'..'", tmp_path)
+    assert not (root_v1.parent / "evil").exists()
+
+
+@pytest.mark.parametrize("bad", ["/etc/passwd", "\\windows\\x", "C:evil"])
+def test_absolute_path(ota, root_v1, tmp_path, bad):
+    mm, me = rename_entry(W, bad)
+    refused(root_v1, resign(ota.v2.read_bytes(), ota.priv, mm, me), ota.pub, UnsafeEntryError, "absolute path",
+            tmp_path)
+
+
+@pytest.mark.parametrize("etype,kind", [(1, "symbolic link"), (2, "hard link"), (3, "directory"), (9, "unknown")])
+def test_symlink_and_other_non_file_entries(ota, root_v1, tmp_path, etype, kind):
+    pkg = resign(ota.v2.read_bytes(), ota.priv, None,
+                 lambda es: [(n, d, etype if n == W else t) for n, d, t in es])
+    refused(root_v1, pkg, ota.pub, UnsafeEntryError, kind, tmp_path)
+
+
+def test_reserved_name(ota, root_v1, tmp_path):
+    mm, me = rename_entry(W, "manifest.json")
+    refused(root_v1, resign(ota.v2.read_bytes(), ota.priv, mm, me), ota.pub, UnsafeEntryError, "reserved",
+            tmp_path)
+
+
+def test_duplicate_entry(ota, root_v1, tmp_path):
+    # twice in the container
+    pkg = resign(ota.v2.read_bytes(), ota.priv, None, lambda es: es + [es[-1]])
+    refused(root_v1, pkg, ota.pub, UnsafeEntryError, "duplicate entry", tmp_path)
+
+    # twice in the signed manifest's payload list
+    def mm(m):
+        m["payload"]["files"].append(dict(m["payload"]["files"][-1]))
+        m["payload"]["total_bytes"] += m["payload"]["files"][-1]["size"]
+        m["payload"]["digest"] = payload_digest(m["payload"]["files"])
+
+    refused(root_v1, resign(ota.v2.read_bytes(), ota.priv, mm), ota.pub, UnsafeEntryError,
+            "duplicate payload file", tmp_path)
+
+
+def test_oversize_entry(ota, root_v1, tmp_path):
+    size = ota.a2.joinpath(W).stat().st_size
+    refused(root_v1, ota.v2, ota.pub, SizeLimitError, "per-entry limit", tmp_path,
+            limits=Limits(max_entry_bytes=size - 1))
+    refused(root_v1, ota.v2, ota.pub, SizeLimitError, "payload totals", tmp_path,
+            limits=Limits(max_total_bytes=size))
+    refused(root_v1, ota.v2, ota.pub, SizeLimitError, "package limit", tmp_path,
+            limits=Limits(max_package_bytes=1000))
+
+
+def _bomb(ota, declared: int, content_size: bool, payload_size: int = 64 << 20, window_log: int = 0):
+    params = zstandard.ZstdCompressionParameters.from_level(3, window_log=window_log,
+                                                           write_content_size=content_size)
+    bomb = zstandard.ZstdCompressor(compression_params=params).compress(bytes(payload_size))
+
+    def mm(m):
+        for f in m["payload"]["files"]:
+            if f["name"] == W:
+                f["size"], f["sha256"] = declared, sha256(bytes(declared))
+        m["payload"]["total_bytes"] = sum(f["size"] for f in m["payload"]["files"])
+        m["payload"]["digest"] = payload_digest(m["payload"]["files"])
+        for e in m["entries"]:
+            if e["name"] == W:
+                e.update(stored_size=len(bomb), stored_sha256=sha256(bomb), decoded_size=declared)
+
+    return resign(ota.v2.read_bytes(), ota.priv, mm, lambda es: [(n, bomb if n == W else d, t) for n, d, t in es])
+
+
+def test_zstd_bomb(ota, root_v1, tmp_path):
+    # 64 MiB of zeros in ~2 KiB. Declared honestly: over the limit before decoding anything.
+    refused(root_v1, _bomb(ota, 64 << 20, True), ota.pub, SizeLimitError, "per-entry limit", tmp_path,
+            limits=Limits(max_entry_bytes=16 << 20))
+    # declared small, frame header says 64 MiB: refused before decoding
+    refused(root_v1, _bomb(ota, 4096, True), ota.pub, SizeLimitError, "frame says it holds", tmp_path)
+    # declared small, no size in the frame header, a big window: refused before decoding (memory)
+    refused(root_v1, _bomb(ota, 4096, False), ota.pub, SizeLimitError, "window", tmp_path)
+    # declared small, no size in the header, a small window: decoding stops right after the declared size
+    refused(root_v1, _bomb(ota, 4096, False, window_log=10), ota.pub, SizeLimitError, "decompresses to more than",
+            tmp_path)
+
+
+def test_delta_against_wrong_base_version(ota, root_v1, tmp_path):
+    # a delta from v2 while v1 is installed
+    refused(root_v1, ota.v3d, ota.pub, DeltaError, "delta from version 2 .* but version 1 is installed", tmp_path)
+
+
+def test_delta_against_other_contents_of_same_version(ota, tmp_path):
+    # the device has a different "v1" (e.g. from another build): the delta must not be applied to it
+    from edge_lora.stages.package import build_package
+
+    alt = tmp_path / "alt.elpkg"
+    build_package(ota.a3, ota.priv, 1, ota.base, alt, adapter_id="tiny-ota", base_hash=ota.base_hash, level=3,
+                  probes=("factors",))
+    root = tmp_path / "root"
+    root.mkdir()
+    install(alt, ota.pub, root, base=ota.base_hash)
+    refused(root, ota.v2d, ota.pub, DeltaError, "other contents", tmp_path)
+
+
+def test_delta_with_nothing_installed(ota, tmp_path):
+    root = tmp_path / "root"
+    root.mkdir()
+    refused(root, ota.v2d, ota.pub, DeltaError, "not installed here", tmp_path, base=ota.base_hash)
+
+
+def test_probe_mismatch(ota, root_v1, tmp_path):
+    def mm(m):
+        for p in m["probes"]:
+            if p["kind"] == "factors":
+                p["modules"][3]["expected"][0] *= 1.001
+
+    refused(root_v1, resign(ota.v2.read_bytes(), ota.priv, mm), ota.pub, ProbeError,
+            "does not decode to the update that was packaged", tmp_path)
+
+
+def test_probe_mismatch_torch_logits(ota, root_v1, tmp_path):
+    def mm(m):
+        for p in m["probes"]:
+            if p["kind"] == "torch-logits":
+                p["expected"][5][0] += 0.5
+
+    refused(root_v1, resign(ota.v2.read_bytes(), ota.priv, mm), ota.pub, ProbeError, "torch-logits probe",
+            tmp_path, base=ota.base)
+
+
+def test_probe_mismatch_on_fresh_root_leaves_nothing(ota, tmp_path):
+    def mm(m):
+        m["probes"][0]["modules"][0]["norm"] *= 2
+
+    root = tmp_path / "root"
+    root.mkdir()
+    refused(root, resign(ota.v1.read_bytes(), ota.priv, mm), ota.pub, ProbeError, "factors probe", tmp_path,
+            base=ota.base_hash)
+    assert list(root.iterdir()) == []
+
+
+def test_no_runnable_probe(ota, root_v1, tmp_path):
+    def mm(m):
+        m["probes"] = [p for p in m["probes"] if p["kind"] != "factors"] + [{"kind": "ort"}]
+
+    refused(root_v1, resign(ota.v2.read_bytes(), ota.priv, mm), ota.pub, ProbeError, "No probe could run",
+            tmp_path)
+
+
+@pytest.mark.parametrize("mutate,error,match", [
+    (lambda m: m.update(extra=1), FormatError, "unknown key"),
+    (lambda m: m.update(version=True), FormatError, "not a boolean"),
+    (lambda m: m.update(version=0), FormatError, "from 1 to"),
+    (lambda m: m.update(format_version=2), FormatError, "not supported"),
+    (lambda m: m.update(adapter_id="../x"), UnsafeEntryError, "adapter_id"),
+    (lambda m: m["payload"].update(digest="0" * 64), IntegrityError, "digest"),
+    (lambda m: m["entries"][0].update(encoding="zstd-patch"), FormatError, "encoding"),
+    (lambda m: m.pop("probes"), FormatError, "'probes' is missing"),
+])
+def test_bad_manifest_schema(ota, root_v1, tmp_path, mutate, error, match):
+    refused(root_v1, resign(ota.v2.read_bytes(), ota.priv, mutate), ota.pub, error, match, tmp_path)
+
+
+def test_manifest_json_tricks(ota, root_v1, tmp_path):
+    from edge_lora.ota.container import pack_container
+    from edge_lora.ota.keys import key_id
+
+    raw = ota.v2.read_bytes()
+    good = json.loads(raw[22:22 + int.from_bytes(raw[18:22], "big")])
+    for text, match in ((b'{"format":"edge-lora-ota","format":"x"}', "duplicate key"),
+                        (b'{"a":NaN}', "not valid JSON"), (b"\xff\xfe", "not valid UTF-8"),
+                        (json.dumps([good]).encode(), "must be a JSON object")):
+        pkg = pack_container(text, ota.priv.sign(text), key_id(ota.pub), [])
+        refused(root_v1, pkg, ota.pub, FormatError, match, tmp_path)
+    assert raw.startswith(MAGIC)
+
+
+def test_links_inside_the_install_root(ota, root_v1, tmp_path):
+    # a link where the versions folder belongs could redirect the install: refused, nothing written
+    vroot = root_v1 / "tiny-ota" / "versions"
+    elsewhere = tmp_path / "elsewhere"
+    vroot.rename(elsewhere)
+    vroot.symlink_to(elsewhere)
+    refused(root_v1, ota.v2, ota.pub, PackageError, "symbolic link", tmp_path)
+    assert sorted(p.name for p in elsewhere.iterdir()) == ["1"]
