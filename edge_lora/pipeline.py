@@ -1,0 +1,392 @@
+"""The export pipeline: load → (merge) → export → validate, as the profile says, into one output folder.
+
+Each stage is a plain function in ``edge_lora.stages`` that returns its output and a StageReport. The runners
+here adapt them to a shared :class:`RunContext`; a later stage plugs in with :func:`register_stage` (and its
+config with ``profiles.register_stage_config``), and a profile lists it in ``[profile] stages``.
+
+Everything is built in a temporary folder beside the target and renamed into place at the end, so a crash
+never leaves a folder that looks finished. ``report.json`` and ``report.md`` are written even when validation
+misses a budget; the run then fails with BudgetError (exit code 3) and the report says FAILED.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edge_lora.errors import BudgetError, CompatibilityError, EdgeLoraError
+from edge_lora.profiles import Profile, load_profile
+from edge_lora.report import StageReport
+
+REPORT_JSON = "report.json"
+REPORT_MD = "report.md"
+
+
+@dataclass
+class RunContext:
+    """What stages share. Stages read what earlier ones produced and set what later ones need."""
+
+    profile: Profile
+    base_spec: str
+    adapter_path: Path
+    work_dir: Path                     # the temporary output folder (renamed to the target at the end)
+    base_path: Path | None = None
+    base_sha256: str | None = None
+    adapter_sha256: str | None = None
+    adapter: Any = None                # edge_lora.adapter.Adapter
+    model: Any = None                  # torch model (merged in place by the merge stage)
+    tokenizer: Any = None
+    export_info: dict = field(default_factory=dict)
+    reports: list[StageReport] = field(default_factory=list)
+    progress: Callable[[str], None] = lambda text: None
+
+    def meta(self) -> dict:
+        """What edge_lora.json records about where the export came from (validate re-loads from it)."""
+        return {"base": self.base_spec, "base_path": str(self.base_path), "base_sha256": self.base_sha256,
+                "adapter_source": str(self.adapter_path), "adapter_sha256": self.adapter_sha256,
+                "profile": self.profile.name}
+
+
+def adapter_hash(folder: Path) -> str:
+    """sha256 over the adapter's config and weights files (what PEFT reads)."""
+    h = hashlib.sha256()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        path = Path(folder) / name
+        h.update(name.encode())
+        if path.is_file():
+            h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+# ------------------------------------------------------------------------------------------ stages
+def _load(ctx: RunContext) -> StageReport:
+    """Adapter, base and their compatibility: every user mistake here fails before any export work."""
+    from edge_lora.adapter import check_compatible, load_peft
+    from edge_lora.models import base_content_hash, load_base, resolve_base
+
+    start = time.perf_counter()
+    ctx.adapter = load_peft(ctx.adapter_path)
+    ctx.base_path = resolve_base(ctx.base_spec).resolve()
+    ctx.model, ctx.tokenizer = load_base(ctx.base_path)
+    check_compatible(ctx.adapter, ctx.model)
+    ctx.base_sha256 = base_content_hash(ctx.base_path)
+    ctx.adapter_sha256 = adapter_hash(ctx.adapter_path)
+    return StageReport(stage="load", seconds=time.perf_counter() - start,
+                       input_hash=ctx.adapter_sha256, output_hash=ctx.base_sha256,
+                       metrics={"base": str(ctx.base_path), "adapter": str(ctx.adapter_path),
+                                "modules": len(ctx.adapter.modules), "adapter_params": ctx.adapter.params,
+                                "model_type": ctx.model.config.model_type})
+
+
+def _merge(ctx: RunContext, config) -> StageReport:
+    from edge_lora.models import base_content_hash
+    from edge_lora.stages.merge import merge
+
+    ctx.model, report = merge(ctx.model, ctx.adapter, config)
+    report.input_hash = ctx.adapter_sha256
+    report.output_hash = base_content_hash(ctx.model)
+    return report
+
+
+def _export(ctx: RunContext, config) -> StageReport:
+    from edge_lora.stages.export_onnx import export_hotswap, export_merged
+
+    if config.mode == "hotswap":
+        ctx.export_info, report = export_hotswap(ctx.model, ctx.tokenizer, ctx.adapter, ctx.work_dir, config,
+                                                 ctx.meta())
+    else:
+        ctx.export_info, report = export_merged(ctx.model, ctx.tokenizer, ctx.work_dir, config, ctx.meta())
+    report.input_hash = ctx.reports[-1].output_hash if ctx.reports else None
+    # The exported (merged or wrapped) torch model is done with; validation loads a clean reference, so free
+    # this one first rather than hold two copies of the weights.
+    ctx.model = None
+    gc.collect()
+    return report
+
+
+def _validate(ctx: RunContext, config) -> StageReport:
+    reference = reference_model(ctx.base_path, ctx.adapter_path)
+    _, report = validate_stage(ctx.work_dir, reference, ctx.tokenizer, config, ctx.progress)
+    report.input_hash = ctx.reports[-1].output_hash if ctx.reports else None
+    return report
+
+
+def validate_stage(*args, **kwargs):
+    from edge_lora.stages.validate import validate
+
+    return validate(*args, **kwargs)
+
+
+def reference_model(base_path, adapter_path):
+    """The PyTorch base with the original PEFT adapter: the reference every export is judged against."""
+    from peft import PeftModel
+
+    from edge_lora.models import load_base
+
+    base, _ = load_base(base_path)
+    return PeftModel.from_pretrained(base, str(adapter_path)).eval()
+
+
+STAGES: dict[str, Callable[[RunContext, Any], StageReport]] = {
+    "merge": _merge, "export": _export, "validate": _validate,
+}
+
+
+def register_stage(name: str, runner: Callable[[RunContext, Any], StageReport]) -> None:
+    """Plug a later stage (compress, quantize, profile, package) into the pipeline."""
+    STAGES[name] = runner
+
+
+# ------------------------------------------------------------------------------------------ running
+@contextlib.contextmanager
+def _progress_display(enabled: bool):
+    """A rich spinner line per stage on stderr; yields ``start(stage)`` and ``say(text)`` callables."""
+    if not enabled:
+        yield (lambda stage: None), (lambda text: None)
+        return
+    from rich.console import Console
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    with Progress(SpinnerColumn(finished_text=" "), TextColumn("{task.description}"), TimeElapsedColumn(),
+                  console=Console(stderr=True), transient=False) as bar:
+        state = {"task": None, "stage": ""}
+
+        def start(stage):
+            if state["task"] is not None:
+                bar.update(state["task"], description=f"[green]✓[/] {state['stage']}", total=1, completed=1)
+            state["stage"] = stage
+            state["task"] = bar.add_task(stage, total=None) if stage else None
+
+        def say(text):
+            if state["task"] is not None:
+                bar.update(state["task"], description=f"{state['stage']}: {text}")
+
+        yield start, say
+        start("")
+
+
+def _run_stage(ctx: RunContext, name: str, fn: Callable[[], StageReport]) -> StageReport:
+    before = [r.stage for r in ctx.reports]
+    try:
+        report = fn()
+    except EdgeLoraError as exc:
+        after = f" (after {', '.join(before)})" if before else " (first stage)"
+        raise type(exc)(f"stage '{name}' failed{after}: {exc}") from exc
+    except Exception as exc:   # a bug: keep the traceback, say where it happened
+        exc.add_note(f"edge_lora: raised in pipeline stage '{name}', after {', '.join(before) or 'nothing'}")
+        raise
+    ctx.reports.append(report)
+    return report
+
+
+def _atomic_folder(out: Path, force: bool):
+    if out.exists() and not force:
+        raise EdgeLoraError(f"output folder {out} already exists; choose another --out or pass --force to "
+                            "replace it.")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+
+
+def _commit(tmp: Path, out: Path) -> None:
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+
+
+def run_export(base: str, adapter: str | os.PathLike, profile: str | Profile, out: str | os.PathLike,
+               force: bool = False, overrides: list[str] | None = None, show_progress: bool = True) -> dict:
+    """Run the profile's stages; returns the report dict. Raises BudgetError (after writing) on a miss."""
+    profile = profile if isinstance(profile, Profile) else load_profile(profile, overrides)
+    out = Path(out)
+    tmp = _atomic_folder(out, force)
+    ctx = RunContext(profile=profile, base_spec=str(base), adapter_path=Path(adapter).resolve(), work_dir=tmp)
+    started = time.perf_counter()
+    try:
+        with _progress_display(show_progress) as (start, say):
+            ctx.progress = say
+            start("load adapter + base")
+            _run_stage(ctx, "load", lambda: _load(ctx))
+            for name in profile.stages:
+                start(name)
+                _run_stage(ctx, name, lambda name=name: STAGES[name](ctx, profile.config(name)))
+        report = build_report(ctx, time.perf_counter() - started)
+        write_report(tmp, report)
+        _commit(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    _raise_on_budget_miss(report, out)
+    return report
+
+
+def _raise_on_budget_miss(report: dict, out: Path) -> None:
+    if report["status"] == "FAILED":
+        misses = "; ".join(report["budget_failures"])
+        raise BudgetError(f"validation budget missed: {misses}. The artifacts and the report are in {out} "
+                          f"({REPORT_MD}, marked FAILED); do not ship them.")
+
+
+def build_report(ctx: RunContext, seconds: float) -> dict:
+    failures = [f for r in ctx.reports for f in r.metrics.get("budget_failures", [])]
+    validated = any(r.stage == "validate" for r in ctx.reports)
+    return {"status": "FAILED" if failures else ("PASSED" if validated else "NOT VALIDATED"),
+            "budget_failures": failures, "seconds": seconds, **ctx.meta(), "profile": ctx.profile.to_dict(),
+            "stages": [r.to_dict() for r in ctx.reports]}
+
+
+def write_report(folder: Path, report: dict) -> None:
+    for name, text in ((REPORT_JSON, json.dumps(report, indent=2, default=str) + "\n"),
+                       (REPORT_MD, render_markdown(report))):
+        tmp = folder / f".{name}.tmp"
+        tmp.write_text(text)
+        os.replace(tmp, folder / name)
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    if isinstance(value, (list, dict)):
+        text = json.dumps(value, default=str)
+        return text if len(text) < 120 else text[:117] + "..."
+    return str(value)
+
+
+def render_markdown(report: dict) -> str:
+    lines = [f"# edge_lora export: {report['status']}", "",
+             f"- profile: `{report['profile']['name']}` ({report['profile']['source']})",
+             f"- base: `{report['base']}` sha256 `{(report['base_sha256'] or '')[:16]}`",
+             f"- adapter: `{report['adapter_source']}` sha256 `{(report['adapter_sha256'] or '')[:16]}`",
+             f"- total: {report['seconds']:.1f} s", ""]
+    if report["budget_failures"]:
+        lines += ["**FAILED budgets:**", ""] + [f"- {f}" for f in report["budget_failures"]] + [""]
+    lines += ["| stage | seconds | input | output |", "|---|---:|---|---|"]
+    for s in report["stages"]:
+        lines.append(f"| {s['stage']} | {s['seconds']:.2f} | {(s['input_hash'] or '')[:12]} | "
+                     f"{(s['output_hash'] or '')[:12]} |")
+    for s in report["stages"]:
+        lines += ["", f"## {s['stage']}", ""]
+        if s["metrics"]:
+            lines += ["| metric | value |", "|---|---|"]
+            lines += [f"| {k} | {_fmt(v)} |" for k, v in s["metrics"].items()]
+        if s["config"]:
+            lines += ["", "config: `" + json.dumps(s["config"], default=str) + "`"]
+        for note in s["skipped"]:
+            lines.append(f"- skipped: {note}")
+    return "\n".join(lines) + "\n"
+
+
+def run_validate(folder: str | os.PathLike, overrides: list[str] | None = None, show_progress: bool = True) -> dict:
+    """Re-run validation of an existing export folder and update its report (same budgets, plus --set)."""
+    from edge_lora.profiles import parse_overrides, parse_profile
+    from edge_lora.stages.export_onnx import read_meta
+
+    folder = Path(folder)
+    meta = read_meta(folder)
+    old = json.loads((folder / REPORT_JSON).read_text()) if (folder / REPORT_JSON).is_file() else {}
+    if old.get("profile"):
+        stored = {k: v for k, v in old["profile"].items() if k not in ("name", "description", "stages", "source")}
+        stored["profile"] = {"description": old["profile"]["description"], "stages": old["profile"]["stages"]}
+        profile = parse_profile(stored, old["profile"]["name"], old["profile"]["source"], parse_overrides(overrides))
+    else:
+        profile = load_profile(meta.get("profile", "cpu-fp32"), overrides)
+    adapter_path = Path(meta["adapter_source"])
+    if adapter_hash(adapter_path) != meta.get("adapter_sha256"):
+        raise CompatibilityError(f"the adapter at {adapter_path} changed since {folder} was exported (sha256 differs "
+                                 "from edge_lora.json); re-export instead of re-validating.")
+    ctx = RunContext(profile=profile, base_spec=meta["base"], adapter_path=adapter_path, work_dir=folder,
+                     base_path=Path(meta["base_path"]), base_sha256=meta.get("base_sha256"),
+                     adapter_sha256=meta.get("adapter_sha256"))
+    started = time.perf_counter()
+    with _progress_display(show_progress) as (start, say):
+        ctx.progress = say
+        start("validate")
+        ctx.tokenizer = _load_tokenizer(folder)
+        ctx.reports = [StageReport(**s) for s in old.get("stages", []) if s["stage"] != "validate"]
+        _run_stage(ctx, "validate", lambda: _validate(ctx, profile.config("validate")))
+    report = build_report(ctx, time.perf_counter() - started)
+    write_report(folder, report)
+    _raise_on_budget_miss(report, folder)
+    return report
+
+
+def _load_tokenizer(folder: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except Exception:   # exports of weights-only bases have no tokenizer; validation then uses fixed ids
+        return None
+
+
+# ------------------------------------------------------------------------------------------ CLI
+def add_cli(sub) -> None:
+    p = sub.add_parser(
+        "export",
+        help="merge or hot-swap-export a PEFT LoRA adapter with its base to ONNX, then validate it",
+        description="Run the stages of an export profile (export_profiles/NAME.toml): load the adapter and base "
+                    "and check they fit, merge W' = W + scale·B·A (merged profiles) or keep the LoRA factors as "
+                    "graph inputs (hot-swap profiles), export to ONNX with optimum (KV cache for causal LMs), "
+                    "and validate against the PyTorch base + original PEFT adapter. Writes the model, "
+                    "edge_lora.json, report.json and report.md into --out. Exit code 3 if a validation budget is "
+                    "missed (the report is still written and says FAILED).",
+    )
+    p.add_argument("--base", required=True, help="base model: HF folder, .gguf file, 'smollm2' or 'minilm'")
+    p.add_argument("--adapter", required=True, help="PEFT LoRA folder (adapter_config.json + safetensors)")
+    p.add_argument("--profile", default="cpu-fp32",
+                   help="profile name in export_profiles/ (cpu-fp32, cpu-hotswap, ...) or a .toml path "
+                        "(default: cpu-fp32)")
+    p.add_argument("--out", required=True, help="output folder; must not exist unless --force")
+    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="STAGE.KEY=VALUE",
+                   help="override one profile key, e.g. --set validate.task_examples=64 (repeatable)")
+    p.add_argument("--quiet", action="store_true", help="no progress display")
+    p.set_defaults(func=_cli_export)
+
+    v = sub.add_parser(
+        "validate",
+        help="re-run validation of an existing export folder against the PyTorch reference",
+        description="Re-load the base and the original adapter recorded in DIR/edge_lora.json, run the "
+                    "validation stage with the budgets the export used (plus --set overrides) and rewrite "
+                    "DIR/report.json and DIR/report.md. Exit code 3 if a budget is missed.",
+    )
+    v.add_argument("dir", help="an export folder written by `python -m edge_lora export`")
+    v.add_argument("--set", dest="overrides", action="append", default=[], metavar="validate.KEY=VALUE",
+                   help="override a validation key, e.g. --set validate.min_top1_agreement=0.99 (repeatable)")
+    v.add_argument("--quiet", action="store_true", help="no progress display")
+    v.set_defaults(func=_cli_validate)
+
+
+def _summary(report: dict, out) -> None:
+    print(f"{report['status']}: {out} ({report['seconds']:.1f} s)")
+    for s in report["stages"]:
+        if s["stage"] == "validate":
+            keys = ("top1_agreement", "mean_kl", "generation_agreement", "exact_match_reference",
+                    "exact_match_candidate", "hidden_rel_error")
+            print("  " + ", ".join(f"{k}={_fmt(s['metrics'][k])}" for k in keys if k in s["metrics"]))
+
+
+def _cli_export(args) -> int:
+    report = run_export(args.base, args.adapter, args.profile, args.out, force=args.force,
+                        overrides=args.overrides, show_progress=not args.quiet)
+    _summary(report, args.out)
+    return 0
+
+
+def _cli_validate(args) -> int:
+    report = run_validate(args.dir, overrides=args.overrides, show_progress=not args.quiet)
+    _summary(report, args.dir)
+    return 0

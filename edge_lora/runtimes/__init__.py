@@ -1,0 +1,1 @@
+"""Runtimes that run exported models: ONNX Runtime sessions, generation loops, the hot-swap loader."""

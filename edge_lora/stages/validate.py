@@ -1,0 +1,309 @@
+"""Accuracy of an exported model against the reference: the PyTorch base with the original PEFT adapter.
+
+Causal LMs, on an evaluation text of ``eval_tokens`` tokens: max/mean |logit error|, mean KL(ref ‖ cand) of the
+next-token distributions, top-1 agreement, perplexity of base, reference and candidate; greedy agreement over
+``generate_tokens`` new tokens (KV-cache loop in ONNX Runtime vs PyTorch); and the demo task's exact match
+through ``edge_lora.eval.score`` when the adapter has that task. Encoders: relative error and cosine of the
+hidden states. Hot-swap exports are also run with no adapter and compared to the PyTorch base.
+
+The stage never raises on a budget miss: it returns the misses in ``metrics["budget_failures"]`` so the
+pipeline can write the report first and then fail the run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from edge_lora.profiles import ValidateConfig
+from edge_lora.report import StageReport
+from edge_lora.runtimes.ort_session import full_feeds, load_session
+from edge_lora.stages.export_onnx import ADAPTER_FILE, read_meta
+
+
+# ------------------------------------------------------------------------------------------ inputs
+def eval_ids(tokenizer, n_tokens: int, vocab_size: int) -> np.ndarray:
+    """1 × n evaluation ids: task lines (date → ISO, held-out split) with a tokenizer, fixed random ids without."""
+    if tokenizer is None:
+        return np.random.default_rng(1234).integers(0, vocab_size, size=(1, n_tokens), dtype=np.int64)
+    from edge_lora import eval as task
+
+    lines, ids = [], []
+    for example in task.make_examples(200, seed=7, split="test"):
+        lines.append(task.prompt_text(example) + task.target_text(example))
+        ids = tokenizer("\n".join(lines))["input_ids"]
+        if len(ids) >= n_tokens:
+            break
+    return np.array([ids[:n_tokens]], dtype=np.int64)
+
+
+def _max_positions(config) -> int:
+    return int(getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 512)
+
+
+def adapter_task(adapter_source: str | None) -> str | None:
+    """The task an adapter was trained for, from the metrics.json tools/train_demo_adapter.py writes."""
+    if not adapter_source:
+        return None
+    path = Path(adapter_source) / "metrics.json"
+    try:
+        return json.loads(path.read_text()).get("task") if path.is_file() else None
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+# ------------------------------------------------------------------------------------------ metrics
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def logits_metrics(ref: np.ndarray, cand: np.ndarray, base: np.ndarray, ids: np.ndarray) -> dict:
+    """ref/cand/base: T × V logits of one sequence; ids: its T tokens."""
+    lp_ref, lp_cand, lp_base = _log_softmax(ref), _log_softmax(cand), _log_softmax(base)
+    kl = (np.exp(lp_ref) * (lp_ref - lp_cand)).sum(-1)
+    target = ids[1:]
+
+    def ppl(lp):
+        return float(np.exp(-lp[np.arange(len(target)), target].mean()))
+
+    err = np.abs(ref.astype(np.float64) - cand)
+    return {
+        "tokens": len(ids),
+        "max_abs_logit_error": float(err.max()),
+        "mean_abs_logit_error": float(err.mean()),
+        "mean_kl": float(kl.mean()),
+        "max_kl": float(kl.max()),
+        "top1_agreement": float((ref.argmax(-1) == cand.argmax(-1)).mean()),
+        "reference_vs_base_top1_agreement": float((ref.argmax(-1) == base.argmax(-1)).mean()),
+        "perplexity_base": ppl(lp_base[:-1]),
+        "perplexity_reference": ppl(lp_ref[:-1]),
+        "perplexity_candidate": ppl(lp_cand[:-1]),
+    }
+
+
+def hidden_metrics(ref: np.ndarray, cand: np.ndarray, base: np.ndarray) -> dict:
+    ref, cand, base = (a.astype(np.float64).reshape(-1, a.shape[-1]) for a in (ref, cand, base))
+    cos = (ref * cand).sum(-1) / (np.linalg.norm(ref, axis=-1) * np.linalg.norm(cand, axis=-1))
+    return {
+        "tokens": int(ref.shape[0]),
+        "max_abs_error": float(np.abs(ref - cand).max()),
+        "hidden_rel_error": float(np.linalg.norm(ref - cand) / np.linalg.norm(ref)),
+        "min_cosine": float(cos.min()),
+        "reference_vs_base_rel_diff": float(np.linalg.norm(ref - base) / np.linalg.norm(ref)),
+    }
+
+
+def _torch_out(model, ids: np.ndarray) -> np.ndarray:
+    with torch.inference_mode():
+        out = model(input_ids=torch.from_numpy(ids), attention_mask=torch.ones(ids.shape, dtype=torch.long))
+    return (out.logits if hasattr(out, "logits") else out.last_hidden_state).float().numpy()
+
+
+def torch_greedy_ids(model, prompt: np.ndarray, n: int) -> np.ndarray:
+    """n greedy tokens after each row of ``prompt`` (equal-length rows, no stopping), with the KV cache."""
+    ids, past, out_ids = torch.from_numpy(prompt), None, []
+    step = ids
+    mask = torch.ones_like(ids)
+    with torch.inference_mode():
+        for _ in range(n):
+            out = model(input_ids=step, attention_mask=mask, past_key_values=past, use_cache=True)
+            past = out.past_key_values
+            step = out.logits[:, -1, :].argmax(-1, keepdim=True)
+            out_ids.append(step)
+            mask = torch.cat([mask, torch.ones_like(step)], dim=-1)
+    return torch.cat(out_ids, dim=-1).numpy()
+
+
+# ------------------------------------------------------------------------------------------ candidate
+class Candidate:
+    """The exported model as validation runs it: a session plus, for hot-swap, its active adapter."""
+
+    def __init__(self, folder: Path, meta: dict, threads: int = 0):
+        self.folder, self.meta = folder, meta
+        self.hotswap = None
+        if meta["mode"] == "hotswap":
+            from edge_lora.runtimes.hotswap import HotswapSession
+
+            self.hotswap = HotswapSession(folder, threads=threads)
+            self.session = self.hotswap.session
+            if (folder / ADAPTER_FILE).is_file():
+                self.hotswap.load_adapter("export", folder / ADAPTER_FILE)
+            self.run_options = self.hotswap.run_options("export" if self.hotswap.adapters else None)
+        else:
+            self.session = load_session(folder, threads=threads)
+            self.run_options = None
+
+    def forward(self, ids: np.ndarray, base: bool = False) -> np.ndarray:
+        options = None if base else self.run_options
+        return self.session.run(None, full_feeds(self.session, ids), options)[0]
+
+    def causal_lm(self, tokenizer):
+        from edge_lora.runtimes.ort_generate import OrtCausalLM
+
+        return OrtCausalLM(self.session, tokenizer, self.run_options)
+
+
+# ------------------------------------------------------------------------------------------ stage
+def budget_failures(metrics: dict, config: ValidateConfig) -> list[str]:
+    fails = []
+
+    def check(key, ok, budget, text):
+        if key in metrics and not ok(metrics[key]):
+            fails.append(f"{text}: {metrics[key]:.6g} (budget {budget:g})")
+
+    check("top1_agreement", lambda v: v >= config.min_top1_agreement, config.min_top1_agreement,
+          "top-1 agreement below budget")
+    check("mean_kl", lambda v: v <= config.max_mean_kl, config.max_mean_kl, "mean KL above budget")
+    check("generation_agreement", lambda v: v >= config.min_generation_agreement, config.min_generation_agreement,
+          "greedy generation agreement below budget")
+    check("exact_match_drop", lambda v: v <= config.max_exact_match_drop, config.max_exact_match_drop,
+          "task exact-match drop above budget")
+    check("hidden_rel_error", lambda v: v <= config.max_hidden_rel_error, config.max_hidden_rel_error,
+          "hidden-state relative error above budget")
+    return fails
+
+
+def validate(export_dir: str | Path, reference, tokenizer, config: ValidateConfig = ValidateConfig(),
+             progress=None) -> tuple[dict, StageReport]:
+    """Compare the export in ``export_dir`` with ``reference`` (a PeftModel on the PyTorch base).
+
+    Returns (metrics, report); ``metrics["budget_failures"]`` lists every missed budget (empty = passed).
+    ``progress(text)`` is called before each step, for the pipeline's progress display.
+    """
+    start = time.perf_counter()
+    folder = Path(export_dir)
+    meta = read_meta(folder)
+    steps: dict[str, float] = {}
+    clock = {"step": "setup", "t": start}
+
+    def say(text: str) -> None:   # times each step for the report, and shows it on the progress line
+        now = time.perf_counter()
+        steps[clock["step"]] = round(now - clock["t"], 2)
+        clock.update(step=text, t=now)
+        if progress:
+            progress(text)
+
+    model_config = reference.get_base_model().config
+    causal = meta["task"].startswith("text-generation")
+    n = min(config.eval_tokens, _max_positions(model_config))
+    ids = eval_ids(tokenizer, n, model_config.vocab_size)
+    candidate = Candidate(folder, meta)
+    skipped: list[str] = []
+    if n < config.eval_tokens:
+        skipped.append(f"evaluation text shortened to {n} tokens: the model's maximum positions")
+
+    say("reference and candidate forward passes")
+    ref = _torch_out(reference, ids)[0]
+    with reference.disable_adapter():
+        base = _torch_out(reference, ids)[0]
+    cand = candidate.forward(ids)[0]
+    metrics = logits_metrics(ref, cand, base, ids[0]) if causal else hidden_metrics(ref, cand, base)
+
+    if candidate.hotswap is not None:
+        plain = candidate.forward(ids, base=True)[0]
+        metrics["no_adapter_vs_base_max_abs_error"] = float(np.abs(plain.astype(np.float64) - base).max())
+        if causal:
+            metrics["no_adapter_vs_base_top1_agreement"] = float((plain.argmax(-1) == base.argmax(-1)).mean())
+
+    if causal:
+        say(f"greedy generation, {config.generate_tokens} tokens")
+        prompts = np.stack([ids[0, :16], ids[0, n // 2:n // 2 + 16]]) if n >= n // 2 + 16 else ids[:, :16]
+        ref_gen = torch_greedy_ids(reference, prompts, config.generate_tokens)
+        cand_gen = np.array(candidate.causal_lm(tokenizer).greedy_ids(prompts.tolist(), config.generate_tokens))
+        metrics["generation_tokens"] = int(ref_gen.size)
+        metrics["generation_agreement"] = float((ref_gen == cand_gen).mean())
+        # the first divergence matters more than later ones (after it, the two continue from different text)
+        diverged = np.nonzero((ref_gen != cand_gen).any(0))[0]
+        metrics["generation_first_divergence"] = int(diverged[0]) if len(diverged) else None
+
+    task = config.task
+    if task == "auto":
+        task = adapter_task(meta.get("adapter_source")) if causal and tokenizer is not None else None
+        if task is None:
+            skipped.append("task metric: the adapter names no task (metrics.json) or the model is not a causal "
+                           "LM with a tokenizer")
+    if task == "date-iso" and (tokenizer is None or not causal):
+        skipped.append("task metric date-iso: needs a causal LM with a tokenizer")
+        task = None
+    if task == "date-iso":
+        key = reference_cache_key(meta, config) if config.cache_reference else None
+        metrics.update(_task_metrics(reference, tokenizer, candidate, config, say, key))
+
+    say("done")
+    metrics["seconds_by_step"] = steps
+    failures = budget_failures(metrics, config)
+    metrics["budget_failures"] = failures
+    metrics["passed"] = not failures
+    report = StageReport(stage="validate", config=asdict(config), metrics=metrics, skipped=skipped,
+                         seconds=time.perf_counter() - start)
+    return metrics, report
+
+
+def reference_cache_key(meta: dict, config: ValidateConfig) -> str | None:
+    """The reference's task score depends only on base, adapter, task settings and the task code: key on all
+    four, so the merged and hot-swap exports of one adapter score the PyTorch reference once."""
+    import hashlib
+
+    from edge_lora import eval as task
+
+    if not meta.get("base_sha256") or not meta.get("adapter_sha256"):
+        return None
+    h = hashlib.sha256()
+    for part in (meta["base_sha256"], meta["adapter_sha256"], config.task_examples, config.task_batch_size,
+                 config.task_max_new_tokens, Path(task.__file__).read_bytes(), torch.__version__):
+        h.update(str(part).encode() if not isinstance(part, bytes) else part)
+    return h.hexdigest()
+
+
+def _cached(key: str | None, compute):
+    from edge_lora.models import cache_dir
+
+    path = cache_dir() / "validation" / f"reference-{key}.json" if key else None
+    if path is not None and path.is_file():
+        try:
+            return {**json.loads(path.read_text()), "cached": True}
+        except (OSError, json.JSONDecodeError):
+            pass
+    result = compute()
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(result))
+        os.replace(tmp, path)
+    return result
+
+
+def _task_metrics(reference, tokenizer, candidate: Candidate, config: ValidateConfig, say,
+                  cache_key: str | None = None) -> dict:
+    from edge_lora import eval as task
+
+    examples = task.make_examples(config.task_examples, seed=0, split="test")
+    say(f"task exact match, reference (PyTorch), {len(examples)} examples")
+    ref = _cached(cache_key, lambda: task.score(
+        lambda p: task.torch_greedy_generate(reference, tokenizer, p, config.task_max_new_tokens),
+        examples, config.task_batch_size))
+    say(f"task exact match, candidate (ONNX Runtime), {len(examples)} examples")
+    cand = task.score(candidate.causal_lm(tokenizer).generate_fn(config.task_max_new_tokens), examples,
+                      config.task_batch_size)
+    out = {"task": "date-iso", "task_examples": len(examples), "reference_from_cache": bool(ref.get("cached")),
+           "exact_match_reference": ref["exact_match"], "exact_match_candidate": cand["exact_match"],
+           "exact_match_drop": ref["exact_match"] - cand["exact_match"],
+           "task_failures_candidate": cand["failures"][:5]}
+    if config.task_base:
+        say("task exact match, base (PyTorch)")
+        with reference.disable_adapter():
+            base = task.score(lambda p: task.torch_greedy_generate(reference, tokenizer, p,
+                                                                   config.task_max_new_tokens),
+                              examples, config.task_batch_size)
+        out["exact_match_base"] = base["exact_match"]
+        span = ref["exact_match"] - base["exact_match"]
+        out["retention"] = (cand["exact_match"] - base["exact_match"]) / span if span else None
+    return out
