@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import os
 
-import pytest
-import torch
-
+# Before torch loads: spinning OpenMP workers starve each other when cores are shared (see edge_lora/__main__.py).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
 torch.set_num_threads(1)
 
 # name -> (tiny model kind, LoraConfig kwargs). Each row exercises one PEFT feature the importer must get right.
