@@ -179,7 +179,7 @@ def tiny_model(kind: str = "llama", seed: int = 0):
 
 
 def base_content_hash(source) -> str:
-    """sha256 over the base weights in a canonical order: name, dtype, shape and bytes of every tensor.
+    """sha256 over the base weights in a canonical order: name, dtype, shape and bytes of every float tensor.
 
     ``source`` is an HF folder (read straight from its safetensors files, no torch model built) or a torch
     module (its ``state_dict``). Both give the same digest for the same weights, so the packager and the
@@ -205,6 +205,10 @@ def base_content_hash(source) -> str:
                 continue
             seen.add(key)
             entries[name] = tensor.detach().cpu().contiguous().numpy()
+    # Weights only: integer buffers (e.g. a stale ``position_ids`` that older transformers saved and newer
+    # ones do not keep) say nothing about the model and would make folder and module disagree.
+    entries = {k: v for k, v in entries.items() if np.issubdtype(np.asarray(v).dtype, np.floating)
+               or str(np.asarray(v).dtype) == "bfloat16"}
     h = hashlib.sha256()
     for name in sorted(entries):
         arr = np.ascontiguousarray(entries[name])
