@@ -30,6 +30,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tools"))
+from benchmarks_md import write_section  # noqa: E402
 
 import numpy as np
 
@@ -204,15 +206,6 @@ def section(results: dict, command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def replace_section(path: Path, text: str, header: str = "## Export") -> None:
-    old = path.read_text() if path.is_file() else "# Benchmarks\n"
-    pattern = re.compile(rf"^{re.escape(header)}\n.*?(?=^## |\Z)", re.DOTALL | re.MULTILINE)
-    new = pattern.sub(lambda _: text + "\n", old) if pattern.search(old) else old.rstrip("\n") + "\n\n" + text
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(new)
-    os.replace(tmp, path)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base", default="smollm2")
@@ -291,7 +284,7 @@ def main() -> None:
     if args.no_write:
         print(text)
     else:
-        replace_section(REPO / "BENCHMARKS.md", text)
+        write_section("Export", text.split("\n", 1)[1] if text.startswith("## Export") else text)
         print(f"wrote ## Export to {REPO / 'BENCHMARKS.md'}", file=sys.stderr)
 
 

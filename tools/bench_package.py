@@ -29,6 +29,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 SECTION = "## OTA packages"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchmarks_md import write_section  # noqa: E402
 DEMO_ADAPTERS = ("date-iso-r16", "date-iso-patterns")
 
 
@@ -55,7 +57,7 @@ def perturbed_copy(src: Path, dst: Path, layer: int | None, seed: int) -> Path:
     rng = np.random.default_rng(seed)
     with safe_open(str(src / "adapter_model.safetensors"), "np") as f:
         meta = f.metadata()
-        tensors = {k: f.get_tensor(k) for k in f}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
     for k, t in tensors.items():
         if layer is None or f"layers.{layer}." in k:
             tensors[k] = (t * (1 + 0.05 * rng.standard_normal(t.shape))).astype(t.dtype)
@@ -67,7 +69,7 @@ def layers_of(adapter: Path) -> list[int]:
     from safetensors import safe_open
 
     with safe_open(str(adapter / "adapter_model.safetensors"), "np") as f:
-        return sorted({int(m.group(1)) for k in f if (m := re.search(r"layers\.(\d+)\.", k))})
+        return sorted({int(m.group(1)) for k in f.keys() if (m := re.search(r"layers\.(\d+)\.", k))})
 
 
 def timed(fn, repeats: int) -> tuple[float, object]:
@@ -81,21 +83,6 @@ def timed(fn, repeats: int) -> tuple[float, object]:
 
 def fmt_bytes(n: int) -> str:
     return f"{n:,}"
-
-
-def replace_section(path: Path, text: str) -> None:
-    """Replace the '## OTA packages' section (up to the next '## ' heading) or append it; create the file."""
-    if not path.exists():
-        path.write_text("# Benchmarks\n\n" + text)
-        return
-    lines = path.read_text().splitlines(keepends=True)
-    start = next((i for i, ln in enumerate(lines) if ln.rstrip() == SECTION), None)
-    if start is None:
-        body = "".join(lines)
-        path.write_text(body + ("\n" if body and not body.endswith("\n\n") else "") + text)
-        return
-    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-    path.write_text("".join(lines[:start]) + text + ("\n" if end < len(lines) else "") + "".join(lines[end:]))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -223,7 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     text = "\n".join(lines)
     print(text)
     if not args.no_write:
-        replace_section(Path(args.out), text)
+        body = text.split("\n", 1)[1] if text.startswith(SECTION) else text
+        write_section(SECTION.removeprefix("## "), body, path=Path(args.out))
         log(f"wrote the '{SECTION}' section of {args.out}")
     return 0
 
