@@ -92,7 +92,7 @@ class Adapter:
     extra_tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     source: str | None = None
     storage_dtype: str = "float32"   # dtype of the factors in the source file (sizes are reported in it)
-    form: str = "peft"               # "peft" as imported, "canonical" after canonicalize
+    form: str = "peft"  # "peft" as imported; "pruned", "canonical", "compressed", "quantized" after stages
 
     @property
     def params(self) -> int:
@@ -255,14 +255,17 @@ def peft_config_for(adapter: Adapter) -> dict:
     """
     config = copy.deepcopy(adapter.config)
     names = list(adapter.modules)
-    if all(rank_and_alpha(config, n)[0] == m.rank
-           and math.isclose(lora_scale(rank_and_alpha(config, n)[1], m.rank, bool(config.get("use_rslora"))),
-                            m.scale, rel_tol=1e-6)
-           for n, m in adapter.modules.items()) and adapter.form == "peft":
-        original_targets = config.get("target_modules")
-        if original_targets is not None and not isinstance(original_targets, str):
-            return config
     use_rslora = bool(config.get("use_rslora", False))
+
+    def source_config_fits(name: str, m: LoraModule) -> bool:
+        r, alpha = rank_and_alpha(config, name)
+        return r == m.rank and math.isclose(lora_scale(alpha, r, use_rslora), m.scale, rel_tol=1e-6)
+
+    # An untouched import keeps its own config (save_peft marks an adapter whose rank-0 modules it dropped
+    # as no longer untouched: the source target_modules would recreate them).
+    if (adapter.form == "peft" and isinstance(config.get("target_modules"), list)
+            and all(source_config_fits(n, m) for n, m in adapter.modules.items())):
+        return config
 
     def alpha_for(m: LoraModule) -> float:
         return m.scale * (math.sqrt(m.rank) if use_rslora else m.rank)
@@ -270,7 +273,8 @@ def peft_config_for(adapter: Adapter) -> dict:
     (r0, s0), _ = Counter((m.rank, round(m.scale, 12)) for m in adapter.modules.values()).most_common(1)[0]
     default = next(m for m in adapter.modules.values() if m.rank == r0 and round(m.scale, 12) == s0)
     config.update(r=r0, lora_alpha=alpha_for(default), target_modules=names, rank_pattern={}, alpha_pattern={},
-                  exclude_modules=None, layers_to_transform=None, layers_pattern=None)
+                  exclude_modules=None, layers_to_transform=None, layers_pattern=None,
+                  init_lora_weights=True)  # how PEFT would initialise factors it does not find: B = 0
     for name, m in adapter.modules.items():
         if m.rank != r0:
             config["rank_pattern"][_unique_key(name, names)] = m.rank
@@ -316,7 +320,8 @@ def save_peft(adapter: Adapter, path: str | os.PathLike, dtype: torch.dtype = to
     if out.exists() and not overwrite:
         raise AdapterError(f"{out} already exists; choose another folder or pass overwrite=True (--force).")
     if any(m.rank == 0 for m in adapter.modules.values()):
-        adapter = adapter.replace_modules({n: m for n, m in adapter.modules.items() if m.rank > 0})
+        adapter = adapter.replace_modules({n: m for n, m in adapter.modules.items() if m.rank > 0},
+                                          form="pruned" if adapter.form == "peft" else adapter.form)
     if not adapter.modules:
         raise AdapterError(f"Nothing to save to {out}: every module has rank 0.")
     config = peft_config_for(adapter)

@@ -67,8 +67,15 @@ def test_rank_zero_modules_are_dropped_on_save(tmp_path):
     name = "model.layers.0.mlp.up_proj"
     m = adapter.modules[name]
     adapter.modules[name] = type(m)(name=name, kind=m.kind, A=m.A[:0], B=m.B[:, :0], scale=m.scale, alpha=m.alpha)
-    saved = load_peft(save_peft(adapter, tmp_path / "b"))
+    out = save_peft(adapter, tmp_path / "b")
+    saved = load_peft(out)
     assert name not in saved.modules and len(saved.modules) == len(adapter.modules) - 1
+    # PEFT must not recreate the dropped module (the source config has init_lora_weights=False: random B)
+    reloaded = PeftModel.from_pretrained(tiny_model(kind), str(out)).eval()
+    original = PeftModel.from_pretrained(tiny_model(kind), str(tmp_path / "a")).eval()
+    with torch.no_grad():
+        original.base_model.model.get_submodule(name).lora_B["default"].weight.zero_()
+    torch.testing.assert_close(model_output(reloaded), model_output(original), rtol=1e-5, atol=1e-5)
 
 
 def test_save_refuses_existing_folder(tmp_path):
