@@ -123,3 +123,40 @@ def root_v1(ota, tmp_path):
     root.mkdir()
     install(ota.v1, ota.pub, root, base=ota.base_hash)
     return root
+
+
+def make_hotswap_export(folder, adapter_dir, base_seed: int = 0, base_hash: str | None = None):
+    """A hot-swap ONNX export of tiny_model('llama', base_seed) with the PEFT adapter in ``adapter_dir`` written
+    beside it as adapter.onnx_adapter (what `export --profile cpu-hotswap` writes). ``base_hash`` goes into
+    edge_lora.json as base_sha256, as the pipeline records it."""
+    from edge_lora.adapter import load_peft
+    from edge_lora.models import tiny_model
+    from edge_lora.profiles import ExportConfig
+    from edge_lora.stages.export_onnx import export_hotswap
+
+    folder = Path(folder)
+    folder.mkdir(parents=True)
+    export_hotswap(tiny_model("llama", seed=base_seed), None, load_peft(adapter_dir), folder,
+                   ExportConfig(mode="hotswap"), meta={"base_sha256": base_hash} if base_hash else None)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def ota_ort(tmp_path_factory):
+    """Keys, a tiny base, two PEFT adapters (x, y), a hot-swap export of the base with x, and a hot-swap export
+    of another tiny model (the wrong export for the device)."""
+    from edge_lora.models import base_content_hash, tiny_model
+
+    d = tmp_path_factory.mktemp("ota-ort")
+    c = Ctx()
+    c.dir = d
+    c.priv_path, c.pub_path = keygen(d / "keys")
+    c.priv, c.pub = load_private_key(c.priv_path), load_public_key(c.pub_path)
+    c.base = d / "base"
+    tiny_model("llama", seed=0).save_pretrained(str(c.base))
+    c.base_hash = base_content_hash(c.base)
+    c.ax = make_adapter(d / "x" / "tiny-ort", seed=1)
+    c.ay = make_adapter(d / "y" / "tiny-ort", seed=3)
+    c.export = make_hotswap_export(d / "export", c.ax, base_hash=c.base_hash)
+    c.other_export = make_hotswap_export(d / "other-export", c.ax, base_seed=7)
+    return c

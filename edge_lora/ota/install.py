@@ -3,8 +3,10 @@ atomically, with the previous version kept to fall back to.
 
 Install root layout::
 
-    ROOT/base.json                        {"content_hash": ..., "source": ...}: the device's base model, recorded
-                                          by the first `install --base`; later installs may omit --base
+    ROOT/base.json                        {"content_hash": ..., "source": ..., "export": ...}: the device's base
+                                          model, recorded by the first `install --base`, and its hot-swap ONNX
+                                          export folder (for ort probes), recorded by `install --export`; later
+                                          installs may omit both
     ROOT/<adapter_id>/current             the pointer file: {"adapter_id", "version", "previous", "highest"};
                                           replaced atomically (temp file, fsync, rename, fsync folder)
     ROOT/<adapter_id>/versions/<N>/       one installed version: the payload files, manifest.json (the signed
@@ -169,6 +171,29 @@ def device_base_hash(root, base=None) -> tuple[str, str]:
     return h, str(rec)
 
 
+def device_export(root=None, export=None) -> Path | None:
+    """The device's hot-swap ONNX export folder for ort probes: ``export`` (checked now), else the one recorded
+    in ROOT/base.json by an earlier ``install --export`` (checked by the ort probe, so a package without an ort
+    probe still installs if it went missing), else None (ort probes are then skipped)."""
+    if export is not None:
+        path = Path(export).resolve()
+        if not (path / "model.onnx").is_file():
+            raise PackageError(f"--export {export} is not a hot-swap export folder (no model.onnx); pass the "
+                               "folder written by `python -m edge_lora export --profile cpu-hotswap`.")
+        return path
+    if root is None:
+        return None
+    rec = Path(root) / BASE_FILE
+    try:
+        data = json.loads(_no_link(rec, "the base record").read_text()) if rec.is_file() else {}
+        recorded = data.get("export")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise InstallRootError(f"{rec} is damaged ({exc}); pass --base to record the base model again.") from exc
+    if recorded is not None and not isinstance(recorded, str):
+        raise InstallRootError(f"{rec}: 'export' is not a path; pass --export to record it again.")
+    return Path(recorded) if recorded else None
+
+
 # ---------------------------------------------------------------------------------------------- verify
 def check_against_device(pkg: Package, state: dict | None, base_hash: str | None, base_src: str = "",
                          check_versions: bool = True) -> None:
@@ -207,7 +232,7 @@ def check_against_device(pkg: Package, state: dict | None, base_hash: str | None
 
 
 def verify_package(source, public_key, root=None, base=None, limits: Limits = DEFAULT_LIMITS,
-                   run_probe: bool = True, probe_base=None) -> dict:
+                   run_probe: bool = True, probe_base=None, probe_export=None) -> dict:
     """Every check install makes, writing nothing. Returns a report; raises a PackageError on failure."""
     pkg = open_package(source, public_key, limits)
     m = pkg.manifest
@@ -240,7 +265,7 @@ def verify_package(source, public_key, root=None, base=None, limits: Limits = DE
         with tempfile.TemporaryDirectory(prefix="edge-lora-probe-") as tmp:
             for name, data in files.items():
                 (Path(tmp) / name).write_bytes(data)
-            report["probes"] = run_probes(m["probes"], files, Path(tmp), probe_base)
+            report["probes"] = run_probes(m["probes"], files, Path(tmp), probe_base, probe_export)
     return report
 
 
@@ -294,9 +319,11 @@ def _write_pointer(adir: Path, adapter_id: str, version: int, previous: int | No
     write_atomic(adir / POINTER, json.dumps(state, indent=1).encode() + b"\n")
 
 
-def install(source, public_key, root, base=None, limits: Limits = DEFAULT_LIMITS) -> dict:
+def install(source, public_key, root, base=None, limits: Limits = DEFAULT_LIMITS, export=None) -> dict:
     """Verify and install a package under ``root``. Returns a report. On any error the root is unchanged
-    (apart from leftovers of earlier killed installs, which are collected)."""
+    (apart from leftovers of earlier killed installs, which are collected). ``export``: the device's hot-swap
+    ONNX export folder for ort probes (recorded in ROOT/base.json after a successful install; later installs
+    use the recorded one)."""
     root = Path(root)
     if not root.is_dir():
         raise InstallRootError(f"Install root {root} does not exist; create it first (mkdir -p {root}).")
@@ -307,6 +334,7 @@ def install(source, public_key, root, base=None, limits: Limits = DEFAULT_LIMITS
         probe_base = resolve_base(str(base))
     if base is None:
         device_base_hash(root, None)  # raises when no base is known for this root: nothing is checked yet
+    probe_export = device_export(root, export)
     rep = verify_package(source, public_key, root, base, limits, run_probe=False)
     pkg, files = rep.pop("_pkg"), rep.pop("_files")
     m, aid, version = pkg.manifest, pkg.manifest["adapter_id"], pkg.manifest["version"]
@@ -337,7 +365,7 @@ def install(source, public_key, root, base=None, limits: Limits = DEFAULT_LIMITS
                     raise InstallRootError(f"{staging / f['name']} reads back different bytes than were written; "
                                            "the storage is failing. Nothing was switched.")
                 staged[f["name"]] = data
-            rep["probes"] = run_probes(m["probes"], staged, staging, probe_base)
+            rep["probes"] = run_probes(m["probes"], staged, staging, probe_base, probe_export)
             vdir = adir / VERSIONS / str(version)
             os.rename(staging, vdir)
             staging = None
@@ -348,16 +376,21 @@ def install(source, public_key, root, base=None, limits: Limits = DEFAULT_LIMITS
             created = False
             new_state = read_state(root, aid)
             _collect_garbage(adir, new_state)
-        if base is not None:
+        if base is not None or export is not None:
             rec = root / BASE_FILE
             h = m["base"]["content_hash"]
             try:
-                old = json.loads(rec.read_text()).get("content_hash") if rec.is_file() else None
-            except (OSError, ValueError, AttributeError):
-                old = None
-            if old != h:
-                write_atomic(rec, json.dumps({"content_hash": h, "source": str(probe_base or base)},
-                                             indent=1).encode() + b"\n")
+                old = json.loads(rec.read_text()) if rec.is_file() else {}
+                old = old if isinstance(old, dict) else {}
+            except (OSError, ValueError):
+                old = {}
+            new = dict(old)
+            if base is not None and old.get("content_hash") != h:
+                new.update(content_hash=h, source=str(probe_base or base))
+            if export is not None:
+                new["export"] = str(probe_export)
+            if new != old:
+                write_atomic(rec, json.dumps(new, indent=1).encode() + b"\n")
     except BaseException:
         if staging is not None and staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
@@ -369,7 +402,7 @@ def install(source, public_key, root, base=None, limits: Limits = DEFAULT_LIMITS
 
 
 # ------------------------------------------------------------------------------------- rollback / list
-def rollback(root, adapter_id: str, to: int | None = None, public_key=None, base=None) -> dict:
+def rollback(root, adapter_id: str, to: int | None = None, public_key=None, base=None, export=None) -> dict:
     """Switch ``current`` back to the kept previous version (or ``to``), after checking its files (and its
     signature, given the public key) and running its probes. ``highest`` stays, so the rolled-back-from version
     cannot be installed again by package: publish a higher one."""
@@ -401,7 +434,7 @@ def rollback(root, adapter_id: str, to: int | None = None, public_key=None, base
             from edge_lora.models import resolve_base
 
             probe_base = resolve_base(str(base))
-        probes = run_probes(manifest["probes"], files, vdir, probe_base)
+        probes = run_probes(manifest["probes"], files, vdir, probe_base, device_export(root, export))
         _write_pointer(adir, adapter_id, target, state["version"], state["highest"])
     return {"adapter_id": adapter_id, "version": target, "from": state["version"], "probes": probes}
 
@@ -436,6 +469,7 @@ __all__ = [
     "FormatError",
     "check_installed",
     "device_base_hash",
+    "device_export",
     "install",
     "list_installed",
     "read_state",

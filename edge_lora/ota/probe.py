@@ -9,8 +9,9 @@ Kinds (``manifest["probes"]`` is a list; the device runs every kind it can and n
   ids per position (and a sha256 of them), and a few logits per position, within tolerance. A top-1 id may
   differ only where the packager's top-1/top-2 margin was inside the tolerance. Runs when the device has
   torch + peft and the installer was given the base model.
-- ``ort``: reserved for the hot-swap ONNX export (the ``.onnx_adapter`` payload): ``RUNNERS["ort"]`` is the hook
-  a later stage fills; until then it reports "skipped".
+- ``ort``: the hot-swap ONNX export plus the staged ``.onnx_adapter``; same checks as torch-logits, through
+  ONNX Runtime. The probe records the export's identity (sha256 of model.onnx*) and the device refuses to run it
+  on another export. Runs when the device has onnxruntime and the installer knows the export (``--export``).
 
 Expected values are stored as numbers, not float digests: digests of floats break across BLAS builds.
 """
@@ -28,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from edge_lora.ota.codec import safetensors_layout
-from edge_lora.ota.errors import ProbeError
+from edge_lora.ota.errors import PackageError, ProbeError
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -229,38 +230,161 @@ def run_torch_logits(probe: dict, files: dict[str, bytes], version_dir: Path, ba
     except (IndexError, RuntimeError, ValueError) as exc:
         raise ProbeError(f"torch-logits probe: the installed adapter does not run on the base model "
                          f"({type(exc).__name__}: {exc}).") from exc
-    if out.shape[0] != len(top1) or exp.shape != (len(top1), 1 + len(check)):
-        raise ProbeError(f"torch-logits probe: output shape {out.shape} does not fit the probe.")
+    return _compare_logits("torch-logits", out, top1, check, exp, margin, atol, rtol)
+
+
+# ----------------------------------------------------------------------------------------------- ort
+ORT_EXPORT_META = "edge_lora.json"
+
+
+def export_model_sha256(export_dir) -> str:
+    """Identity of a hot-swap export: sha256 over the name and bytes of model.onnx and its external data files
+    (model.onnx*), in name order. The adapter file beside it is not part of it."""
+    folder = Path(export_dir)
+    files = sorted(p for p in folder.iterdir() if p.name.startswith("model.onnx") and p.is_file())
+    if not any(p.name == "model.onnx" for p in files):
+        raise ProbeError(f"{folder} has no model.onnx; it is not a hot-swap export folder.")
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode() + b"\0")
+        with open(f, "rb") as fh:
+            while block := fh.read(1 << 20):
+                h.update(block)
+    return h.hexdigest()
+
+
+def _export_vocab(export_dir: Path) -> int:
+    cfg = export_dir / "config.json"
+    vocab = json.loads(cfg.read_text()).get("vocab_size") if cfg.is_file() else None
+    if not isinstance(vocab, int) or vocab < 2:
+        raise ProbeSkipped(f"{cfg} gives no vocab_size; cannot choose probe input ids")
+    return vocab
+
+
+def _ort_outputs(export_dir, adapter_path, input_ids: list[list[int]], threads: int = 1):
+    """(base output, output with the adapter active) of the first graph output, as float64. HotswapSession keeps
+    the LoraAdapter alive while its RunOptions point at it (else ORT silently runs the base)."""
+    from edge_lora.runtimes.hotswap import HotswapSession
+    from edge_lora.runtimes.ort_session import full_feeds
+
+    session = HotswapSession(export_dir, threads=threads)
+    feeds = full_feeds(session.session, np.asarray(input_ids, dtype=np.int64))
+    out_name = session.output_names[:1]
+    base_out = session.run(feeds, output_names=out_name)[0]
+    session.load_adapter("probe", adapter_path, check=False)
+    out = session.run(feeds, adapter="probe", output_names=out_name)[0]
+    return np.asarray(base_out, np.float64), np.asarray(out, np.float64)
+
+
+def build_ort(export_dir, adapter_file, adapter_name: str | None = None, seq_len: int = 16, n_check: int = 4,
+              atol: float = 2e-3, rtol: float = 2e-3) -> dict:
+    """Packager side: run the hot-swap export with ``adapter_file`` active on fixed input ids; store the top-1
+    ids (+ sha256), the logit of the top-1 id and of ``n_check`` fixed ids per position, the top-1/top-2 margins,
+    and the export's identity (sha256 of model.onnx*, the base hash from edge_lora.json)."""
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError as exc:
+        raise ProbeSkipped("onnxruntime is not installed") from exc
+    export_dir = Path(export_dir)
+    vocab = _export_vocab(export_dir)
+    meta_path = export_dir / ORT_EXPORT_META
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    ids = [det_indices(f"ids|{i}", vocab, 1)[0] for i in range(seq_len)]
+    base_out, out = _ort_outputs(export_dir, adapter_file, [ids])
+    base_out, out = base_out[0], out[0]
+    top = np.argsort(-out, axis=-1, kind="stable")
+    top1 = top[:, 0]
+    check = det_indices("check", out.shape[-1], n_check)
+    expected = [[float(out[p, top1[p]])] + [float(out[p, c]) for c in check] for p in range(out.shape[0])]
+    margin = [float(out[p, top[p, 0]] - out[p, top[p, 1]]) for p in range(out.shape[0])]
+    return {"kind": "ort", "adapter": adapter_name or Path(adapter_file).name,
+            "export": {"model_sha256": export_model_sha256(export_dir), "base_sha256": meta.get("base_sha256"),
+                       "lora_inputs": len(meta.get("lora_inputs") or [])},
+            "input_ids": [ids], "top1": [int(v) for v in top1],
+            "top1_sha256": hashlib.sha256(np.asarray(top1, "<i8").tobytes()).hexdigest(),
+            "check_ids": check, "expected": expected, "margin": margin, "atol": atol, "rtol": rtol,
+            "adapter_effect_max_abs": float(np.max(np.abs(out - base_out)))}
+
+
+def _compare_logits(kind: str, out: np.ndarray, top1: list[int], check: list[int], exp: np.ndarray,
+                    margin: list[float], atol: float, rtol: float) -> str:
+    if out.ndim != 2 or out.shape[0] != len(top1) or exp.shape != (len(top1), 1 + len(check)) \
+            or len(margin) != len(top1):
+        raise ProbeError(f"{kind} probe: output shape {out.shape} does not fit the probe.")
     got = np.stack([np.concatenate([[out[p, top1[p]]], out[p, check]]) for p in range(len(top1))])
     bad = np.abs(got - exp) > atol + rtol * np.abs(exp)
     flips = [p for p in range(len(top1)) if int(np.argmax(out[p])) != top1[p] and margin[p] > atol]
     if bad.any() or flips:
         p = int(np.argwhere(bad)[0][0]) if bad.any() else flips[0]
-        raise ProbeError(f"torch-logits probe: position {p}: got top-1 id {int(np.argmax(out[p]))} and logits "
+        raise ProbeError(f"{kind} probe: position {p}: got top-1 id {int(np.argmax(out[p]))} and logits "
                          f"{got[p].round(5).tolist()}, expected top-1 {top1[p]} and {exp[p].round(5).tolist()} "
                          f"(atol {atol:g}, rtol {rtol:g}). Not switching to this adapter.")
     return f"{len(top1)} positions: top-1 ids equal, logits within atol {atol:g} (max diff " \
            f"{float(np.max(np.abs(got - exp))):.2g})"
 
 
-def run_ort(probe: dict, files: dict[str, bytes], version_dir: Path, base) -> str:
-    """Hook for the hot-swap export: load the base ONNX model, activate the .onnx_adapter payload through
-    RunOptions.add_active_adapter (keep a reference to the LoraAdapter!), compare with probe['expected']."""
-    raise ProbeSkipped("the 'ort' probe kind is not implemented by this installer yet")
+def run_ort(probe: dict, files: dict[str, bytes], version_dir: Path, export) -> str:
+    """Device side. ``export`` is the device's hot-swap export folder (``install --export DIR``, or the one
+    recorded in ROOT/base.json); run_probes passes it in the place other kinds get the base model. Checks the
+    export is the one the probe was built on (sha256 of model.onnx*), loads the STAGED .onnx_adapter, runs the
+    fixed ids and compares top-1 ids and logits within tolerance."""
+    if export is None:
+        raise ProbeSkipped("no hot-swap export given to the installer (pass --export DIR once; it is recorded "
+                           "in ROOT/base.json)")
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError as exc:
+        raise ProbeSkipped("onnxruntime is not installed on this device") from exc
+    try:
+        name, want_model = probe["adapter"], probe["export"]["model_sha256"]
+        ids, top1 = probe["input_ids"], [int(v) for v in probe["top1"]]
+        check, exp = [int(c) for c in probe["check_ids"]], np.asarray(probe["expected"], dtype=float)
+        margin, atol, rtol = [float(v) for v in probe["margin"]], float(probe["atol"]), float(probe["rtol"])
+        if not (isinstance(name, str) and isinstance(want_model, str) and isinstance(ids, list) and len(ids) == 1
+                and all(type(i) is int for i in ids[0])):
+            raise ValueError("adapter, export.model_sha256 or input_ids has the wrong type")
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ProbeError(f"ort probe: malformed probe ({exc}).") from exc
+    if name not in files:
+        raise ProbeError(f"ort probe: names {name!r}, which is not in the payload.")
+    export = Path(export)
+    if not export.is_dir():
+        raise ProbeError(f"ort probe: the device's hot-swap export {export} is not a folder.")
+    have_model = export_model_sha256(export)
+    if have_model != want_model:
+        raise ProbeError(f"ort probe: the device's hot-swap export {export} (model sha256 {have_model[:16]}…) is "
+                         f"not the export the package was built for ({want_model[:16]}…). The adapter's LoRA "
+                         "inputs may not fit it; install the matching export first. Not switching.")
+    adapter_path = Path(version_dir) / name
+    if not adapter_path.is_file() or adapter_path.is_symlink():
+        raise ProbeError(f"ort probe: the staged {adapter_path} is missing or not a regular file.")
+    try:
+        _, out = _ort_outputs(export, adapter_path, ids)
+    except PackageError:
+        raise
+    except Exception as exc:  # AdapterError (unknown LoRA inputs), ModelError, ORT's own errors
+        raise ProbeError(f"ort probe: the staged {name} does not run on the export {export} "
+                         f"({type(exc).__name__}: {exc}). Not switching to it.") from exc
+    return _compare_logits("ort", out[0], top1, check, exp, margin, atol, rtol)
 
 
 RUNNERS: dict[str, Callable] = {"factors": run_factors, "torch-logits": run_torch_logits, "ort": run_ort}
 
 
-def run_probes(probes: list[dict], files: dict[str, bytes], version_dir: Path, base=None) -> list[dict]:
-    """Run every probe this device can; raise ProbeError on the first failure or when none could run."""
+def run_probes(probes: list[dict], files: dict[str, bytes], version_dir: Path, base=None,
+               export=None) -> list[dict]:
+    """Run every probe this device can; raise ProbeError on the first failure or when none could run.
+
+    ``base``: the device's base model (HF folder or a loader) for torch-logits; ``export``: the device's hot-swap
+    ONNX export folder, given to the ``ort`` runner in the place of ``base``."""
     results = []
     for p in probes:
         runner = RUNNERS.get(p["kind"])
         try:
             if runner is None:
                 raise ProbeSkipped(f"unknown probe kind {p['kind']!r}")
-            results.append({"kind": p["kind"], "status": "passed", "detail": runner(p, files, version_dir, base)})
+            models = export if p["kind"] == "ort" else base
+            results.append({"kind": p["kind"], "status": "passed", "detail": runner(p, files, version_dir, models)})
         except ProbeSkipped as exc:
             results.append({"kind": p["kind"], "status": "skipped", "detail": str(exc)})
         except ProbeError:
@@ -271,5 +395,5 @@ def run_probes(probes: list[dict], files: dict[str, bytes], version_dir: Path, b
     if not any(r["status"] == "passed" for r in results):
         raise ProbeError("No probe could run on this device (" + "; ".join(
             f"{r['kind']}: {r['detail']}" for r in results) + "). Refusing to switch to an adapter nobody "
-            "checked; pass --base, or package with a 'factors' probe.")
+            "checked; pass --base (or --export for an ort probe), or package with a 'factors' probe.")
     return results

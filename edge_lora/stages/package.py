@@ -19,11 +19,44 @@ from edge_lora.errors import CompatibilityError, PackageError
 from edge_lora.ota import codec
 from edge_lora.ota.container import DEFAULT_LIMITS, Limits, check_name, pack_container, write_atomic
 from edge_lora.ota.manifest import FORMAT, FORMAT_VERSION, canonical_json, open_package, payload_digest
-from edge_lora.ota.probe import CONFIG_NAME, WEIGHTS_NAME, ProbeSkipped, build_factors, build_torch_logits
+from edge_lora.ota.probe import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    ProbeSkipped,
+    build_factors,
+    build_ort,
+    build_torch_logits,
+)
 
 ROLES = {CONFIG_NAME: "peft-config", WEIGHTS_NAME: "peft-weights"}
 ORT_SUFFIX = ".onnx_adapter"
 SUMMARY_FILES = ("metrics.json", "report.json", "export.json")  # read for the validation/requirements summary
+EXPORT_META = "edge_lora.json"
+ORT_ADAPTER_FILE = "adapter.onnx_adapter"   # the hot-swap export's adapter file name (stages.export_onnx)
+
+
+def hotswap_export_meta(folder: str | os.PathLike) -> dict | None:
+    """edge_lora.json of a hot-swap export folder (model.onnx + edge_lora.json with mode 'hotswap'), else None."""
+    folder = Path(folder)
+    meta_path = folder / EXPORT_META
+    if not (folder / "model.onnx").is_file() or not meta_path.is_file():
+        return None
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    return meta if isinstance(meta, dict) and meta.get("mode") == "hotswap" else None
+
+
+def _ort_adapter_from_peft(src: Path, meta: dict) -> bytes:
+    """Write the PEFT adapter in ``src`` as an ONNX Runtime adapter for the export's LoRA inputs."""
+    from edge_lora.adapter import load_peft
+    from edge_lora.stages.export_onnx import write_ort_adapter
+
+    with tempfile.TemporaryDirectory(prefix="edge-lora-ort-") as tmp:
+        path = Path(tmp) / ORT_ADAPTER_FILE
+        write_ort_adapter(load_peft(src), path, set(meta.get("lora_inputs") or []))
+        return path.read_bytes()
 
 
 # ---------------------------------------------------------------------------------------------- inputs
@@ -145,12 +178,14 @@ def _metadata(payload) -> dict:
 
 # ---------------------------------------------------------------------------------------------- build
 def build_package(src, key, version: int, base, out, from_package=None, adapter_id: str | None = None,
-                  level: int = codec.ZSTD_LEVEL, probes=("factors", "torch-logits"), limits: Limits = DEFAULT_LIMITS,
-                  base_hash: str | None = None) -> dict:
+                  level: int = codec.ZSTD_LEVEL, probes=("factors", "torch-logits", "ort"),
+                  limits: Limits = DEFAULT_LIMITS, base_hash: str | None = None, export=None) -> dict:
     """Write a signed full (or, with ``from_package``, delta) package; return a summary.
 
     ``key`` is a private key path or object; ``base`` an HF folder or 'smollm2' (``base_hash`` skips hashing it
-    again when the caller knows it)."""
+    again when the caller knows it). ``src`` may be a hot-swap export folder (its ``adapter.onnx_adapter``
+    travels, with an ``ort`` probe); ``export`` names the hot-swap export for a PEFT folder (an
+    ``adapter.onnx_adapter`` is written from the PEFT adapter for the export's LoRA inputs and travels too)."""
     from edge_lora.models import base_content_hash, is_causal_lm, resolve_base
     from edge_lora.ota.keys import key_id, load_private_key
 
@@ -166,6 +201,24 @@ def build_package(src, key, version: int, base, out, from_package=None, adapter_
     payload = collect_payload(src, limits)
     base_path = resolve_base(base)
     bhash = base_hash or base_content_hash(base_path)
+    export_dir = Path(export) if export is not None else (src if hotswap_export_meta(src) is not None else None)
+    export_meta = hotswap_export_meta(export_dir) if export_dir is not None else None
+    if export_dir is not None:
+        if export_meta is None:
+            raise PackageError(f"--export {export_dir} is not a hot-swap export folder (model.onnx + edge_lora.json "
+                               "with mode 'hotswap'); export with `python -m edge_lora export --profile "
+                               "cpu-hotswap`.")
+        if export_meta.get("base_sha256") and export_meta["base_sha256"] != bhash:
+            raise CompatibilityError(f"{export_dir}/{EXPORT_META} says the export is of base "
+                                     f"{export_meta['base_sha256'][:16]}…, but --base {base} is {bhash[:16]}…. "
+                                     "Package it with the base the export was made from.")
+        if not any(r == "ort-adapter" for r, _ in payload.values()):
+            if WEIGHTS_NAME not in payload:
+                raise PackageError(f"{src} has no {ORT_SUFFIX} file and no PEFT adapter to write one from.")
+            data_ = _ort_adapter_from_peft(src, export_meta)
+            if len(data_) > limits.max_entry_bytes:
+                raise PackageError(f"the generated {ORT_ADAPTER_FILE} is over the per-entry limit.")
+            payload[ORT_ADAPTER_FILE] = ("ort-adapter", data_)
     summaries = _summaries(src)
     trained_on = summaries.get("metrics.json", {}).get("base_sha256")
     if trained_on and trained_on != bhash:
@@ -199,8 +252,22 @@ def build_package(src, key, version: int, base, out, from_package=None, adapter_
                     if probe_list[-1]["adapter_effect_max_abs"] == 0.0:
                         raise PackageError(f"{src}: the adapter does not change the base model's output at all "
                                            "(all-zero update?); refusing to ship a no-op adapter.")
+                elif kind == "ort":
+                    ort_files = [n for n, (r, _) in payload.items() if r == "ort-adapter"]
+                    if not ort_files:
+                        continue  # a plain PEFT folder: nothing for ONNX Runtime travels
+                    if export_dir is None:
+                        raise ProbeSkipped(f"no hot-swap export to run {ort_files[0]} on (pass --export DIR)")
+                    for n in ort_files:
+                        probe = build_ort(export_dir, Path(tmp) / n, n)
+                        if probe["adapter_effect_max_abs"] == 0.0:
+                            raise PackageError(f"{src}: {n} does not change the export's output at all "
+                                               "(all-zero update, or its parameters fit no LoRA input); refusing "
+                                               "to ship a no-op adapter.")
+                        probe_list.append(probe)
+                    checks["ort_adapter_changes_output_max_abs"] = probe_list[-1]["adapter_effect_max_abs"]
                 else:
-                    raise PackageError(f"unknown probe kind {kind!r}; choose from factors, torch-logits.")
+                    raise PackageError(f"unknown probe kind {kind!r}; choose from factors, torch-logits, ort.")
             except ProbeSkipped as exc:
                 skipped.append(f"{kind}: {exc}")
     if not probe_list:
@@ -253,11 +320,11 @@ def build_package(src, key, version: int, base, out, from_package=None, adapter_
     except (OSError, ValueError):
         pass
     roles = {f["role"] for f in files}
-    export = summaries.get("export.json", {})
+    export_summary = summaries.get("export.json", {})
     requirements = {"min_reader_format": FORMAT_VERSION,
                     "runtimes": ({"peft": ">=0.13", "safetensors": ">=0.4"} if "peft-weights" in roles else {})
                     | ({"onnxruntime": ">=1.20"} if "ort-adapter" in roles else {}),
-                    "onnx_opset": export.get("opset")}
+                    "onnx_opset": export_summary.get("opset", (export_meta or {}).get("opset"))}
     raw_total = sum(f["size"] for f in files)
     stored_total = sum(len(b) for _, b in blobs)
     compression = {"codec": "zstd", "level": level, "payload_bytes": raw_total, "stored_bytes": stored_total,
@@ -329,9 +396,10 @@ def _run_keygen(args) -> int:
 
 
 def _run_package(args) -> int:
-    probes = ("factors",) if args.probe == "factors" else ("factors", "torch-logits")
+    probes = ("factors",) if args.probe == "factors" else ("factors", "torch-logits", "ort")
     rep = build_package(args.adapter, args.key, args.version, args.base, args.out, from_package=args.from_package,
-                        adapter_id=args.id, level=args.level, probes=probes, limits=_limits(args))
+                        adapter_id=args.id, level=args.level, probes=probes, limits=_limits(args),
+                        export=args.export)
     _print(rep, args.json)
     return 0
 
@@ -345,8 +413,10 @@ def _run_verify(args) -> int:
         from edge_lora.models import resolve_base
 
         probe_base = resolve_base(args.base)
+    from edge_lora.ota.install import device_export
+
     rep = verify_package(args.package, load_public_key(args.pubkey), args.root, args.base, _limits(args),
-                         run_probe=True, probe_base=probe_base)
+                         run_probe=True, probe_base=probe_base, probe_export=device_export(args.root, args.export))
     rep.setdefault("probes", "not run (delta without --root)")
     _print(rep, args.json)
     print("OK: the package verifies" + (" against the install root" if args.root else "") + ".")
@@ -357,7 +427,8 @@ def _run_install(args) -> int:
     from edge_lora.ota.install import install
     from edge_lora.ota.keys import load_public_key
 
-    rep = install(args.package, load_public_key(args.pubkey), args.root, args.base, _limits(args))
+    rep = install(args.package, load_public_key(args.pubkey), args.root, args.base, _limits(args),
+                  export=args.export)
     _print(rep, args.json)
     print(f"installed {rep['adapter_id']} version {rep['version']} (previous: {rep['previous']}).")
     return 0
@@ -385,7 +456,7 @@ def _run_rollback(args) -> int:
     from edge_lora.ota.keys import load_public_key
 
     pub = load_public_key(args.pubkey) if args.pubkey else None
-    rep = rollback(args.root, args.id, to=args.to, public_key=pub, base=args.base)
+    rep = rollback(args.root, args.id, to=args.to, public_key=pub, base=args.base, export=args.export)
     _print(rep, args.json)
     return 0
 
@@ -413,7 +484,11 @@ def add_cli(sub) -> None:
     p.add_argument("--id", help="adapter id on devices (default: the adapter folder's name)")
     p.add_argument("--level", type=int, default=codec.ZSTD_LEVEL, help="zstd level (default %(default)s)")
     p.add_argument("--probe", choices=["all", "factors"], default="all",
-                   help="probes to embed: 'all' adds a torch-logits probe (loads the base) to 'factors'")
+                   help="probes to embed: 'all' adds a torch-logits probe (loads the base) and, for an "
+                        ".onnx_adapter, an ort probe (runs the hot-swap export) to 'factors'")
+    p.add_argument("--export", help="hot-swap ONNX export folder (from `export --profile cpu-hotswap`) the adapter "
+                                    "runs on: an adapter.onnx_adapter is written from the PEFT folder and travels "
+                                    "with an ort probe. Implied when ADAPTER is itself a hot-swap export folder")
     p.add_argument("--max-mb", type=float, help="size limit per entry and per package in MiB (default 1024)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=_run_package)
@@ -434,6 +509,8 @@ def add_cli(sub) -> None:
         p.add_argument("--root", required=(name == "install"), help="install root folder")
         p.add_argument("--base", help="the device's base model (HF folder or 'smollm2'; or its 64-hex content "
                                       "hash). Default: the hash recorded in ROOT/base.json by an earlier install")
+        p.add_argument("--export", help="the device's hot-swap ONNX export folder, to run ort probes. install "
+                                        "records it in ROOT/base.json; later runs with --root use the recorded one")
         p.add_argument("--max-mb", type=float, help="size limit per entry and per package in MiB (default 1024)")
         p.add_argument("--json", action="store_true", help="print the report as JSON")
         p.set_defaults(func=_run_verify if name == "verify" else _run_install)
@@ -455,5 +532,6 @@ def add_cli(sub) -> None:
     p.add_argument("--to", type=int, help="version to switch to (default: the previous one)")
     p.add_argument("--pubkey", help="also re-verify the kept version's signature with this public key")
     p.add_argument("--base", help="base model, to also run the torch-logits probe")
+    p.add_argument("--export", help="hot-swap export folder for ort probes (default: recorded in ROOT/base.json)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_run_rollback)
