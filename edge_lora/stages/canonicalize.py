@@ -20,6 +20,9 @@ from edge_lora.report import StageReport
 @dataclass(frozen=True)
 class CanonicalizeConfig:
     compute_dtype: str = "float64"   # QR/SVD precision; results are stored as float32
+    # Torch threads while the stage runs. The QRs are of d × r matrices: MKL's threaded QR on them is slower
+    # than one thread, and 100-300× slower when other processes hold the cores (BENCHMARKS.md, Canonicalize).
+    threads: int | None = 1
 
 
 def svd_factors(B: torch.Tensor, A: torch.Tensor, scale: float = 1.0):
@@ -50,7 +53,13 @@ def canonicalize_module(module: LoraModule, compute_dtype: torch.dtype = torch.f
 def canonicalize(adapter: Adapter, config: CanonicalizeConfig = CanonicalizeConfig()) -> tuple[Adapter, StageReport]:
     start = time.perf_counter()
     dtype = getattr(torch, config.compute_dtype)
-    modules = {name: canonicalize_module(m, dtype) for name, m in adapter.modules.items()}
+    previous = torch.get_num_threads()
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    try:
+        modules = {name: canonicalize_module(m, dtype) for name, m in adapter.modules.items()}
+    finally:
+        torch.set_num_threads(previous)
     result = adapter.replace_modules(modules, form="canonical")
     energy = sum(float((m.singular_values.double() ** 2).sum()) for m in modules.values())
     report = StageReport(stage="canonicalize", config=asdict(config), seconds=time.perf_counter() - start,

@@ -1,0 +1,736 @@
+"""Compress a LoRA adapter: per-module rank truncation and cross-layer tensorization, chosen by a budget.
+
+    compressed, report = compress(adapter, CompressConfig(budget=0.05))      # relative Frobenius error
+    compressed.save("out/");  save_peft(compressed.to_adapter(), "out/peft")
+
+For every group (one module type across layers, one shape) the stage measures, on the small core (see
+``tensorize``), what each structure would cost at the budget (svd = per-module truncation, shared-out,
+tucker2, cp, tt) and keeps the one with the fewest parameters. Nothing assumes that sharing helps: if the
+layers' subspaces are independent, the shared structures cost more and lose.
+
+Budgets (``scope``):
+- ``group``  (default): each group's energy-weighted error  sqrt(Σ_l ‖E_l‖² / Σ_l ‖ΔW_l‖²) ≤ budget;
+- ``module``: every module's own relative error ≤ budget;
+- ``global``: the whole adapter's energy-weighted error ≤ budget; error is spent where it saves most
+  parameters (water-filling over the lower convex hulls of every group's error-versus-size curves).
+
+Errors are computed without ΔW: from the core in the search, and from the stored (rounded) factors by Gram
+traces at the end (``verify``). With calibration activations (``C = XᵀX`` per module input, see
+:func:`collect_calibration`) the output error ``‖(ΔW − ΔŴ)·X‖ / ‖ΔW·X‖`` is reported as well.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from edge_lora.adapter import Adapter
+from edge_lora.compressed import CompressedAdapter, CompressedGroup, module_chain
+from edge_lora.errors import AdapterError, BudgetError
+from edge_lora.report import StageReport
+from edge_lora.stages import tensorize as tz
+from edge_lora.stages.canonicalize import canonicalize, energy_ranks
+
+SCOPES = ("group", "module", "global")
+OUTPUT_STRUCTURES = ("svd", "shared-out")
+
+
+@dataclass(frozen=True)
+class CompressConfig:
+    budget: float = 0.05                 # relative Frobenius error allowed (see scope)
+    energy: float | None = None          # alternatively: keep this fraction of the energy (budget = sqrt(1-energy))
+    scope: str = "group"                 # group | module | global
+    structure: str = "auto"              # auto | svd | shared-out | tucker2 | cp | tt
+    candidates: tuple[str, ...] = tz.STRUCTURES   # what auto may choose from
+    max_rank: int | None = None          # upper bound on every rank chosen (k_l, r_u, r_v, CP rank, TT ranks)
+    hooi_iters: int = 3                  # HOOI sweeps (tensorly) refining the chosen Tucker-2 fit
+    cp_auto_max_rank: int = 96           # auto skips CP fits above this rank bound (ALS cost; see search_cp)
+    storage_dtype: str = "float16"       # factors are stored (and sizes counted) in this dtype
+    verify: bool = True                  # recompute every module's error from the stored factors
+    # "weight": budgets on ‖ΔW−ΔŴ‖_F / ‖ΔW‖_F. "output": on ‖(ΔW−ΔŴ)X‖_F / ‖ΔW X‖_F over calibration inputs
+    # (C = XXᵀ per module, required); then only per-layer input factors are possible (svd, shared-out), since a
+    # basis shared across layers cannot stay shared once each layer's A is whitened by its own C.
+    error_metric: str = "weight"
+    curves: bool = False                 # keep error-versus-size curves in the report (for plots)
+    # Torch intra-op threads while the stage runs (None: leave as is). Nearly all the work is QR/SVD/eigh of
+    # tall-skinny or r-sized matrices, where MKL's threaded LAPACK is slower than one thread, and 100-300×
+    # slower when other processes hold the cores (measured: 0.47 s vs 1.6 ms for one 11008×16 QR on 2 busy cores).
+    threads: int | None = 1
+
+    def relative_budget(self) -> float:
+        return math.sqrt(max(1.0 - self.energy, 0.0)) if self.energy is not None else self.budget
+
+    def check(self) -> None:
+        if self.energy is not None and not 0.0 < self.energy <= 1.0:
+            raise BudgetError(f"compress: energy must be in (0, 1], got {self.energy}.")
+        if self.energy is None and not (isinstance(self.budget, (int, float)) and self.budget >= 0
+                                        and math.isfinite(self.budget)):
+            raise BudgetError(f"compress: budget is a relative error ≥ 0 (e.g. 0.05), got {self.budget!r}.")
+        if self.scope not in SCOPES:
+            raise BudgetError(f"compress: scope must be one of {', '.join(SCOPES)}, got {self.scope!r}.")
+        if self.structure != "auto" and self.structure not in tz.STRUCTURES:
+            raise BudgetError(f"compress: structure must be auto or one of {', '.join(tz.STRUCTURES)}, "
+                              f"got {self.structure!r}.")
+        unknown = set(self.candidates) - set(tz.STRUCTURES)
+        if unknown:
+            raise BudgetError(f"compress: unknown candidate structure(s) {sorted(unknown)}.")
+        if self.error_metric not in ("weight", "output"):
+            raise BudgetError(f"compress: error_metric must be 'weight' or 'output', got {self.error_metric!r}.")
+        if self.error_metric == "output" and self.structure not in ("auto",) + OUTPUT_STRUCTURES:
+            raise BudgetError(f"compress: structure {self.structure!r} shares an input basis across layers, which "
+                              "an output-error budget cannot keep (each layer's inputs differ); use "
+                              f"{' or '.join(OUTPUT_STRUCTURES)} or error_metric='weight'.")
+        if self.max_rank is not None and self.max_rank < 0:
+            raise BudgetError(f"compress: max_rank must be ≥ 0, got {self.max_rank}.")
+
+
+# ---------------------------------------------------------------------------------------------- search
+def _structures(config: CompressConfig, stack) -> list[str]:
+    wanted = list(config.candidates) if config.structure == "auto" else [config.structure]
+    if config.error_metric == "output":
+        wanted = [s for s in wanted if s in OUTPUT_STRUCTURES]
+    if stack is None:  # a single layer: nothing to share
+        return ["svd"] if "svd" in wanted or config.structure == "auto" else wanted
+    return [s for s in tz.STRUCTURES if s in wanted]
+
+
+def _search_group(group, stack, modules, allow, config) -> tuple[tz.Candidate | None, dict]:
+    """The cheapest feasible candidate of each structure, and the pick. ``allow`` is error² (float, group
+    scope) or per-module error² (array, module scope)."""
+    cap = config.max_rank
+    energy = float(stack.total_energy) if stack is not None else sum(
+        float((modules[n].singular_values.double() ** 2).sum()) for n in group.modules)
+    alternatives: dict[str, dict] = {}
+    best: tz.Candidate | None = None
+
+    def record(name, cand, note="", best_err=None):
+        nonlocal best
+        if cand is not None:
+            alternatives[name] = {"params": cand.params, "rel_err": _rel(cand.total_err_sq, energy),
+                                  "worst_module_rel_err": _worst(cand.err_sq, stack, modules, group),
+                                  "ranks": {k: v for k, v in cand.spec.items() if k != "fit"}, "feasible": True}
+            if best is None or cand.params < best.params:
+                best = cand
+        else:
+            alternatives[name] = {"feasible": False, "note": note,
+                                  "best_rel_err": _rel(best_err, energy) if best_err is not None else None}
+
+    for s in _structures(config, stack):
+        if s == "svd":
+            spectra = tz.svd_spectra(stack, modules, group.modules)
+            cand = tz.search_svd(group, spectra, allow, cap)
+            best_err = sum(float((sp.double()[cap:] ** 2).sum()) for sp in spectra) if cap is not None else 0.0
+            record(s, cand, f"max_rank={cap} keeps too little", best_err)
+        elif s == "shared-out":
+            cand, best_err = tz.search_shared_out(stack, allow, cap)
+            record(s, cand, "no shared output rank on the grid meets the budget", best_err)
+        elif s == "tucker2":
+            cand, best_err = tz.search_tucker2(stack, allow, cap)
+            record(s, cand, "no (r_u, r_v) meets the budget", best_err)
+        elif s in ("cp", "tt"):
+            bound = best.params if best is not None and config.structure == "auto" else None
+            if s == "cp":
+                auto_cap = config.cp_auto_max_rank if config.structure == "auto" else None
+                cand, note = tz.search_cp(stack, allow, cap, bound, auto_cap)
+            else:
+                cand, note = tz.search_tt(stack, allow, cap, bound)
+            record(s, cand, note)
+    return best, alternatives
+
+
+def _rel(err_sq, energy) -> float:
+    if err_sq is None:
+        return float("nan")
+    return math.sqrt(max(float(err_sq), 0.0) / energy) if energy > 0 else 0.0
+
+
+def _module_energies(stack, modules, group) -> np.ndarray:
+    if stack is not None:
+        return stack.energy.numpy()
+    return np.array([float((modules[n].singular_values.double() ** 2).sum()) for n in group.modules])
+
+
+def _worst(err_sq, stack, modules, group) -> float:
+    e = _module_energies(stack, modules, group)
+    rel = np.where(e > 0, np.sqrt(np.maximum(err_sq, 0) / np.where(e > 0, e, 1)), 0.0)
+    return float(rel.max()) if rel.size else 0.0
+
+
+def _group_curves(group, stack, modules, cap) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Error² versus params per structure (lower envelopes), for plots and the global budget."""
+    spectra = tz.svd_spectra(stack, modules, group.modules)
+    curves = {"svd": tz.truncation_curve(spectra, np.zeros(len(spectra)), group.d_out + group.d_in, 0, cap)}
+    if stack is None:
+        return curves
+    p, e, _ = tz.tucker2_pareto(stack, cap)
+    curves["tucker2"] = (p, e)
+    ps, es = [], []
+    for r_u in tz.shared_out_grid(stack.F.shape[0]):
+        if cap is not None and r_u > cap:
+            break
+        sp, outside = tz.shared_out_spectra(stack, r_u)
+        pp, ee = tz.truncation_curve(sp, outside, r_u + group.d_in, group.d_out * r_u, cap)
+        ps.append(pp)
+        es.append(ee)
+    curves["shared-out"] = _pareto(np.concatenate(ps), np.concatenate(es))
+    return curves
+
+
+def _pareto(p: np.ndarray, e: np.ndarray):
+    order = np.lexsort((e, p))
+    p, e = p[order], e[order]
+    keep = e < np.minimum.accumulate(np.concatenate([[np.inf], e[:-1]]))
+    return p[keep], e[keep]
+
+
+def _lower_hull(p: np.ndarray, e: np.ndarray):
+    """Lower convex hull of (params, err²) points, params increasing (err² decreasing)."""
+    p, e = _pareto(p, e)
+    hull: list[int] = []
+    for i in range(len(p)):
+        while len(hull) >= 2:
+            a, b = hull[-2], hull[-1]
+            # drop b if it lies on or above the segment a -> i
+            if (e[b] - e[a]) * (p[i] - p[a]) >= (e[i] - e[a]) * (p[b] - p[a]):
+                hull.pop()
+            else:
+                break
+        hull.append(i)
+    return p[hull], e[hull]
+
+
+def _global_allowances(groups, stacks, modules, allow_total: float, cap) -> list[float]:
+    """Water-filling: start every group at its smallest form, then repeatedly buy the error reduction with the
+    most error removed per parameter until the total error fits."""
+    hulls = []
+    for g, st in zip(groups, stacks):
+        curves = _group_curves(g, st, modules, cap)
+        p = np.concatenate([c[0] for c in curves.values()])
+        e = np.concatenate([c[1] for c in curves.values()])
+        hulls.append(_lower_hull(p, e))
+    pos = [0] * len(groups)
+    total = sum(float(h[1][0]) for h in hulls)
+    while total > allow_total * (1 + 1e-12):
+        best_i, best_rate = None, -1.0
+        for i, (p, e) in enumerate(hulls):
+            if pos[i] + 1 < len(p):
+                rate = (e[pos[i]] - e[pos[i] + 1]) / max(p[pos[i] + 1] - p[pos[i]], 1e-9)
+                if rate > best_rate:
+                    best_i, best_rate = i, rate
+        if best_i is None:
+            break
+        i = best_i
+        total -= float(hulls[i][1][pos[i]] - hulls[i][1][pos[i] + 1])
+        pos[i] += 1
+    # hand out the slack left on the last step in proportion, so no group is asked for more than its hull point
+    slack = max(allow_total - total, 0.0)
+    errs = [float(h[1][pos[i]]) for i, h in enumerate(hulls)]
+    weight = sum(errs) or 1.0
+    return [e + slack * (e / weight if sum(errs) > 0 else 1.0 / len(errs)) for e in errs]
+
+
+# ---------------------------------------------------------------------------------------------- fitting
+def _fit(cand: tz.Candidate, group, stack, modules, config) -> CompressedGroup:
+    s = cand.structure
+    ranks = {k: v for k, v in cand.spec.items() if k != "fit"}
+    ranks.update(d_out=group.d_out, d_in=group.d_in)
+    out = CompressedGroup(name=group.name, structure=s, modules=list(group.modules), ranks=ranks)
+    if s == "svd":
+        for name, k in zip(group.modules, cand.spec["ranks"]):
+            m = modules[name]
+            out.per_module[name] = {"B": m.B[:, :k].clone(), "A": m.A[:k].clone()}
+        return out
+    eye_u = torch.eye(stack.F.shape[0], dtype=tz.F64)
+    if s == "shared-out":
+        r_u = cand.spec["r_u"]
+        out.shared["U"] = stack.lift_U(eye_u[:, :r_u])
+        for l, (name, k) in enumerate(zip(group.modules, cand.spec["ranks"])):
+            M = stack.F[:r_u, stack.block(l)] * stack.S[l]
+            Y, sig, Zh = torch.linalg.svd(M, full_matrices=False)
+            root = sig[:k].sqrt()
+            G = Y[:, :k] * root
+            A = root[:, None] * (stack.V[l].double() @ Zh[:k].T).T
+            out.per_module[name] = {"G": G.float(), "A": A.float()}
+        return out
+    eye_v = torch.eye(stack.G.shape[0], dtype=tz.F64)
+    if s == "tucker2":
+        Xu, Xv, cores = tz.refine_tucker2(stack, cand.spec["r_u"], cand.spec["r_v"], config.hooi_iters)
+        out.shared["U"] = stack.lift_U(Xu)
+        out.shared["Vt"] = stack.lift_V(Xv).T.contiguous()
+        for l, name in enumerate(group.modules):
+            out.per_module[name] = {"G": cores[l].float()}
+        return out
+    r_u, r_v = cand.spec["r_u"], cand.spec["r_v"]
+    if s == "cp":
+        weights, (Wl, Wu, Wv) = cand.spec["fit"]
+        out.shared["U"] = stack.lift_U(eye_u[:, :r_u] @ Wu.double())
+        out.shared["Vt"] = stack.lift_V(eye_v[:, :r_v] @ Wv.double()).T.contiguous()
+        for l, name in enumerate(group.modules):
+            out.per_module[name] = {"w": (weights * Wl[l]).float()}
+        return out
+    if s == "tt":
+        G1, G2, G3 = cand.spec["fit"]
+        out.shared["U"] = stack.lift_U(eye_u[:, :r_u])
+        out.shared["Vt"] = stack.lift_V(eye_v[:, :r_v]).T.contiguous()
+        out.shared["G2"] = G2.float()
+        out.shared["G3"] = G3[:, :, 0].float()
+        for l, name in enumerate(group.modules):
+            out.per_module[name] = {"w": G1[0, l].float()}
+        return out
+    raise AssertionError(s)
+
+
+def _round(group: CompressedGroup, dtype: torch.dtype) -> None:
+    """Round every stored tensor through the storage dtype so verified errors are those of the file."""
+    group.shared = {k: v.to(dtype).float() for k, v in group.shared.items()}
+    group.per_module = {n: {k: v.to(dtype).float() for k, v in d.items()} for n, d in group.per_module.items()}
+
+
+def verify_errors(group: CompressedGroup, modules) -> np.ndarray:
+    """‖ΔW_l − ΔŴ_l‖²_F per module from Gram traces of the stored factors (no ΔW, no d_out × d_in matrix)."""
+    err = []
+    gram_cache: dict[int, tuple] = {}
+
+    def cached(t, side):  # shared bases: converted and Gram'd once per group (t is kept so ids stay unique)
+        key = (id(t), side)
+        if key not in gram_cache:
+            d = t.double()
+            gram_cache[key] = (t, d, d.T @ d if side == "left" else d @ d.T)
+        return gram_cache[key][1:]
+
+    for name in group.modules:
+        m = modules[name]
+        B, A = m.B.double() * m.scale, m.A.double()
+        left_raw, core, right_raw = module_chain(group, name)
+        left, left_gram = cached(left_raw, "left")
+        right, RRt = cached(right_raw, "right")
+        core = torch.eye(left.shape[1], dtype=tz.F64) if core is None else core.double()
+        ref = float(((B.T @ B) * (A @ A.T)).sum())
+        BtL = B.T @ left                          # r × a
+        RAt = right @ A.T                         # b × r
+        cross = float(torch.trace(BtL @ core @ RAt))
+        approx = float(torch.trace(left_gram @ core @ RRt @ core.T))
+        err.append(max(ref - 2 * cross + approx, 0.0))
+    return np.array(err)
+
+
+def output_err_sq(group: CompressedGroup, modules, calibration: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Per module ‖(ΔW − ΔŴ)X‖²_F and ‖ΔW X‖²_F with C = XXᵀ, as Gram traces (no ΔW)."""
+    from edge_lora.stages.canonicalize import output_error_sq
+
+    err, ref = [], []
+    for name in group.modules:
+        C = calibration[name].double()
+        m = modules[name]
+        left, core, right = module_chain(group, name)
+        left_core = left.double() if core is None else left.double() @ core.double()
+        Bcat = torch.cat([m.B.double() * m.scale, -left_core], dim=1)
+        Acat = torch.cat([m.A.double(), right.double()], dim=0)
+        err.append(max(output_error_sq(Bcat, Acat, C), 0.0))
+        ref.append(output_error_sq(m.B * m.scale, m.A, C))
+    return np.array(err), np.array(ref)
+
+
+def output_errors(group: CompressedGroup, modules, calibration: dict) -> dict[str, float]:
+    """Relative output error ‖(ΔW − ΔŴ)X‖ / ‖ΔW X‖ per module that has calibration."""
+    sub = CompressedGroup(name=group.name, structure=group.structure,
+                          modules=[n for n in group.modules if n in calibration], shared=group.shared,
+                          per_module=group.per_module, ranks=group.ranks)
+    if not sub.modules:
+        return {}
+    err, ref = output_err_sq(sub, modules, calibration)
+    return {n: math.sqrt(e / r) if r > 0 else 0.0 for n, e, r in zip(sub.modules, err, ref)}
+
+
+# ---------------------------------------------------------------------------------------------- the stage
+def compress(adapter: Adapter, config: CompressConfig = CompressConfig(),
+             calibration: dict[str, torch.Tensor] | None = None) -> tuple[CompressedAdapter, StageReport]:
+    """Choose and fit a structure per group within the budget. ``calibration`` (module name → XᵀX over its
+    inputs, d_in × d_in) adds output errors to the report."""
+    config.check()
+    if not adapter.modules:
+        raise AdapterError("compress: the adapter has no LoRA modules; there is nothing to compress.")
+    previous = torch.get_num_threads()
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    try:
+        return _compress(adapter, config, calibration)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _whiten(modules, calibration):
+    """Per module, the Cholesky factor L of its (lightly damped) C and the canonical form of (B, A·L): in those
+    coordinates the Frobenius error is the output error, so the same search applies."""
+    from edge_lora.adapter import LoraModule
+    from edge_lora.stages.canonicalize import canonicalize_module
+
+    missing = [n for n in modules if n not in calibration]
+    if missing:
+        raise BudgetError(f"compress: error_metric='output' needs calibration for every module; none for "
+                          f"{missing[:3]}{' ...' if len(missing) > 3 else ''}. Collect it with "
+                          "collect_calibration() over the modules' own base model.")
+    factors, whitened = {}, {}
+    for n, m in modules.items():
+        C = calibration[n].double()
+        if C.shape != (m.d_in, m.d_in):
+            raise BudgetError(f"compress: calibration for {n!r} is {tuple(C.shape)}, expected "
+                              f"{m.d_in}×{m.d_in} (XXᵀ over the module's inputs).")
+        damp = 1e-6 * float(torch.trace(C)) / m.d_in + 1e-30
+        L = torch.linalg.cholesky(C + damp * torch.eye(m.d_in, dtype=C.dtype))
+        factors[n] = L
+        whitened[n] = canonicalize_module(LoraModule(name=n, kind=m.kind, A=(m.A.double() @ L).float(), B=m.B,
+                                                     scale=m.scale, alpha=m.alpha, bias=m.bias))
+    return factors, whitened
+
+
+def _unwhiten(group: CompressedGroup, factors) -> None:
+    for name, parts in group.per_module.items():
+        if "A" in parts and parts["A"].numel():
+            parts["A"] = torch.linalg.solve_triangular(factors[name], parts["A"].double(), upper=False,
+                                                       left=False).float()
+
+
+def _compress(adapter, config, calibration):
+    start = time.perf_counter()
+    canonical = adapter if adapter.form == "canonical" else canonicalize(adapter)[0]
+    original = canonical.modules
+    whitening = None
+    if config.error_metric == "output":
+        whitening, modules = _whiten(original, calibration or {})
+    else:
+        modules = original
+    budget = config.relative_budget()
+    groups = tz.group_modules(modules)
+    t0 = time.perf_counter()
+    stacks = []
+    for g in groups:
+        energy = sum(float((modules[n].singular_values.double() ** 2).sum()) for n in g.modules)
+        stacks.append(tz.build_core_stack(g, modules) if len(g.modules) > 1 and energy > 0 else None)
+    t_core = time.perf_counter() - t0
+
+    energies = [_module_energies(st, modules, g) for g, st in zip(groups, stacks)]
+    if config.scope == "global":
+        total_energy = sum(float(e.sum()) for e in energies)
+        allows: list = _global_allowances(groups, stacks, modules, budget ** 2 * total_energy, config.max_rank)
+    elif config.scope == "module":
+        allows = [budget ** 2 * e for e in energies]
+    else:
+        allows = [budget ** 2 * float(e.sum()) for e in energies]
+
+    dtype = getattr(torch, config.storage_dtype)
+    out_groups, group_reports = [], []
+    for g, st, allow, e in zip(groups, stacks, allows, energies):
+        if float(e.sum()) == 0:  # an untrained (B = 0) or empty group: nothing to keep
+            cand, alternatives = tz.Candidate("svd", 0, np.zeros(len(g.modules)), {"ranks": [0] * len(g.modules)}), {}
+        else:
+            cand, alternatives = _search_group(g, st, modules, allow, config)
+        if cand is None:
+            best = min((a.get("best_rel_err") for a in alternatives.values()
+                        if a.get("best_rel_err") is not None and not math.isnan(a["best_rel_err"])), default=None)
+            notes = "; ".join(f"{k}: {a.get('note')}" for k, a in alternatives.items())
+            raise BudgetError(
+                f"group {g.name!r}: no {config.structure if config.structure != 'auto' else 'structure'} meets "
+                f"the relative error budget {budget:g} ({config.scope} scope"
+                f"{', max_rank=' + str(config.max_rank) if config.max_rank is not None else ''}). Best achievable: "
+                f"{best:.4g}. ({notes}). Raise --budget, lift --max-rank, or use --structure auto."
+                if best is not None else
+                f"group {g.name!r}: no {config.structure} fit meets the relative error budget {budget:g} ({notes}). "
+                "Raise --budget or use --structure auto.")
+        cg = _fit(cand, g, st, modules, config)
+        if whitening is not None:
+            _unwhiten(cg, whitening)
+        _round(cg, dtype)
+        if whitening is not None:  # the budget metric is the output error, measured with the raw C
+            err_sq, e = output_err_sq(cg, original, calibration)
+        else:
+            err_sq = verify_errors(cg, original) if config.verify else cand.err_sq
+        out_groups.append(cg)
+        group_reports.append(_group_report(g, st, cg, cand, alternatives, err_sq, e, calibration, original, dtype,
+                                           config))
+
+    result = CompressedAdapter(
+        groups=out_groups, kinds={n: m.kind for n, m in original.items()},
+        biases={n: m.bias for n, m in original.items() if m.bias is not None},
+        peft_config=dict(adapter.config), extra_tensors=dict(adapter.extra_tensors), source=adapter.source,
+        storage_dtype=config.storage_dtype)
+    report = _stage_report(adapter, result, group_reports, config, budget, time.perf_counter() - start, t_core)
+    return result, report
+
+
+def _group_report(g, st, cg, cand, alternatives, err_sq, energy, calibration, modules, dtype, config) -> dict:
+    bpe = torch.tensor([], dtype=dtype).element_size()
+    params_before = sum(modules[n].rank * (g.d_out + g.d_in) for n in g.modules)
+    rel = np.where(energy > 0, np.sqrt(np.maximum(err_sq, 0) / np.where(energy > 0, energy, 1)), 0.0)
+    worst = int(np.argmax(rel)) if rel.size else 0
+    rep = {
+        "group": g.name, "layers": len(g.modules), "d_out": g.d_out, "d_in": g.d_in,
+        "structure": cg.structure, "ranks": {k: v for k, v in cg.ranks.items() if k not in ("d_out", "d_in")},
+        "params_before": params_before, "params_after": cg.params,
+        "bytes_before": params_before * bpe, "bytes_after": cg.params * bpe,
+        "rel_err": _rel(float(err_sq.sum()), float(energy.sum())),
+        "worst_module": g.modules[worst], "worst_module_rel_err": float(rel[worst]) if rel.size else 0.0,
+        "module_rel_err": {n: float(r) for n, r in zip(g.modules, rel)},
+        "energy": float(energy.sum()),
+        "alternatives": {k: {**v, "bytes": v["params"] * bpe} if v.get("feasible") else v
+                         for k, v in alternatives.items()},
+    }
+    if st is not None:
+        rep["spectra"] = {mode: {"values": [float(x) for x in sig[:64]], "size": int(sig.numel()), **energy_ranks(sig)}
+                          for mode, sig in (("layer", st.sigma_layer), ("output", st.sigma_out),
+                                            ("input", st.sigma_in))}
+    if calibration:
+        outs = output_errors(cg, modules, calibration)
+        if outs:
+            rep["output_rel_err"] = outs
+    if config.curves and float(energy.sum()) > 0:
+        curves = _group_curves(g, st, modules, config.max_rank)
+        rep["curves"] = {k: {"params": [int(x) for x in p], "rel_err": [_rel(x, float(energy.sum())) for x in e]}
+                         for k, (p, e) in curves.items()}
+    return rep
+
+
+def _stage_report(adapter, result, groups, config, budget, seconds, t_core) -> StageReport:
+    err_sq = sum(g["rel_err"] ** 2 * g["energy"] for g in groups)
+    energy = sum(g["energy"] for g in groups)
+    worst = max(groups, key=lambda g: g["worst_module_rel_err"]) if groups else None
+    before = adapter.params
+    metrics = {
+        "budget": budget, "scope": config.scope, "error_metric": config.error_metric,
+        "params_before": before, "params_after": result.params,
+        "bytes_before_fp16": before * 2, "bytes_after": result.nbytes,
+        "size_ratio_vs_fp16_peft": result.nbytes / max(before * 2, 1),
+        "param_reduction": 1 - result.params / max(before, 1),
+        "rel_err": math.sqrt(err_sq / energy) if energy > 0 else 0.0,
+        "worst_module": worst["worst_module"] if worst else None,
+        "worst_module_rel_err": worst["worst_module_rel_err"] if worst else 0.0,
+        "chosen": {g["group"]: g["structure"] for g in groups},
+        "core_seconds": t_core,
+        "groups": groups,
+    }
+    return StageReport(stage="compress", config={k: (list(v) if isinstance(v, tuple) else v)
+                                                 for k, v in asdict(config).items()},
+                       metrics=metrics, seconds=seconds)
+
+
+# ---------------------------------------------------------------------------------------------- calibration
+def collect_calibration(model, tokenizer, texts: list, module_names: list[str],
+                        max_tokens: int = 512) -> dict[str, torch.Tensor]:
+    """C = Σ x xᵀ over the inputs of each named Linear, from forward hooks on a few hundred tokens."""
+    grams: dict[str, torch.Tensor] = {}
+    hooks = []
+
+    def hook_for(name):
+        def hook(_module, inputs, _output):
+            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).double()
+            grams[name] = grams.get(name, 0) + x.T @ x
+        return hook
+
+    for name in module_names:
+        layer = model.get_submodule(name)
+        layer = getattr(layer, "base_layer", layer)
+        hooks.append(layer.register_forward_hook(hook_for(name)))
+    try:
+        seen = 0
+        with torch.inference_mode():
+            for text in texts:  # strings, or token id lists when there is no tokenizer
+                ids = (tokenizer(text, return_tensors="pt")["input_ids"] if isinstance(text, str)
+                       else torch.as_tensor(text).reshape(1, -1))[:, :max_tokens - seen]
+                if ids.numel() == 0:
+                    break
+                model(input_ids=ids)
+                seen += ids.shape[1]
+                if seen >= max_tokens:
+                    break
+    finally:
+        for h in hooks:
+            h.remove()
+    return grams
+
+
+# ---------------------------------------------------------------------------------------------- report files
+def markdown_report(report: StageReport) -> str:
+    m = report.metrics
+    lines = [
+        "# Compression report", "",
+        f"budget: relative error ≤ {m['budget']:g} ({m['scope']} scope); "
+        f"result: energy-weighted relative error {m['rel_err']:.4f}, worst module {m['worst_module']} "
+        f"({m['worst_module_rel_err']:.4f}).", "",
+        "| | params | bytes |", "|---|---:|---:|",
+        f"| before (fp16 PEFT) | {m['params_before']:,} | {m['bytes_before_fp16']:,} |",
+        f"| after ({report.config['storage_dtype']}) | {m['params_after']:,} | {m['bytes_after']:,} |",
+        f"| ratio | {m['params_after'] / max(m['params_before'], 1):.3f} | {m['size_ratio_vs_fp16_peft']:.3f} |", "",
+        "## Per group", "",
+        "| group | L | chosen | ranks | params before | params after | rel err | worst module err | "
+        "svd | shared-out | tucker2 | cp | tt |",
+        "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for g in m["groups"]:
+        alts = []
+        for s in tz.STRUCTURES:
+            a = g["alternatives"].get(s)
+            alts.append("–" if a is None else (f"{a['params']:,}" if a.get("feasible") else "✗"))
+        ranks = ", ".join(f"{k}={_short(v)}" for k, v in g["ranks"].items())
+        lines.append(f"| {g['group']} | {g['layers']} | {g['structure']} | {ranks} | {g['params_before']:,} | "
+                     f"{g['params_after']:,} | {g['rel_err']:.4f} | {g['worst_module_rel_err']:.4f} | "
+                     + " | ".join(alts) + " |")
+    lines += ["", "Alternatives: parameters each structure needs to meet the same budget (✗: cannot, – : not "
+              "tried; the JSON report says why).", "", "## Spectra (rank holding 50/90/99% of the energy)", "",
+              "| group | layer mode | output mode | input mode |", "|---|---|---|---|"]
+    for g in m["groups"]:
+        if "spectra" in g:
+            sp = g["spectra"]
+            lines.append(f"| {g['group']} | " + " | ".join(
+                f"{sp[k]['50%']}/{sp[k]['90%']}/{sp[k]['99%']} of {sp[k]['size']}"
+                for k in ("layer", "output", "input")) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _short(v):
+    if isinstance(v, list):
+        return f"{min(v)}..{max(v)} (Σ{sum(v)})" if v else "[]"
+    return v
+
+
+def write_plots(report: StageReport, folder: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = [g for g in report.metrics["groups"] if "spectra" in g or "curves" in g]
+    if not groups:
+        return []
+    cols = min(4, len(groups))
+    rows = math.ceil(len(groups) / cols)
+    paths = []
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False)
+    for ax, g in zip(axes.flat, groups):
+        for mode, style in (("layer", "o-"), ("output", "-"), ("input", "--")):
+            if "spectra" in g:
+                vals = np.array(g["spectra"][mode]["values"])
+                if vals.size and vals[0] > 0:
+                    ax.semilogy(np.arange(1, len(vals) + 1), vals / vals[0], style, ms=2, label=mode)
+        ax.set_title(g["group"].split(".")[-1] + f" (L={g['layers']})", fontsize=9)
+        ax.set_xlabel("component")
+        ax.set_ylim(1e-4, 1.5)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(groups):]:
+        ax.axis("off")
+    fig.suptitle("Mode spectra of the cross-layer core (σ / σ₁)")
+    fig.tight_layout()
+    paths.append(folder / "spectra.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False)
+    bpe = torch.tensor([], dtype=getattr(torch, report.config["storage_dtype"])).element_size()
+    for ax, g in zip(axes.flat, groups):
+        for name, c in g.get("curves", {}).items():
+            kib, err = np.array(c["params"]) * bpe / 1024, np.array(c["rel_err"])
+            ax.plot(kib[kib > 0], err[kib > 0], label=name, lw=1)
+        for name, a in g["alternatives"].items():
+            if a.get("feasible") and name in ("cp", "tt"):
+                ax.plot(a["bytes"] / 1024, a["rel_err"], "x", label=name)
+        ax.plot(g["bytes_after"] / 1024, g["rel_err"], "k*", ms=9, label=f"chosen: {g['structure']}")
+        ax.axvline(g["bytes_before"] / 1024, color="grey", lw=0.5)
+        ax.set_yscale("log")
+        ax.set_xscale("log")
+        ax.set_ylim(1e-3, 1.2)
+        ax.set_xlabel("KiB (log)")
+        ax.set_ylabel("relative error")
+        ax.set_title(g["group"].split(".")[-1], fontsize=9)
+        ax.legend(fontsize=6)
+    for ax in list(axes.flat)[len(groups):]:
+        ax.axis("off")
+    fig.suptitle("Error versus size per group (grey: original)")
+    fig.tight_layout()
+    paths.append(folder / "error_vs_bytes.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+    return paths
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def add_cli(sub) -> None:
+    p = sub.add_parser(
+        "compress",
+        help="shrink a LoRA adapter within an error budget: per-module truncation or cross-layer sharing",
+        description="Canonicalize the adapter, then for each module type across layers measure what per-module "
+                    "rank truncation (svd), a shared output basis (shared-out), Tucker-2 (shared bases, small "
+                    "per-layer cores), CP and a tensor train cost at the budget, all from the small stacked core "
+                    "(no dense ΔW), and keep the smallest. Writes DIR/compressed.safetensors (shared factors "
+                    "stored once, JSON header), DIR/report.json, DIR/report.md and plots of the spectra and of "
+                    "error versus size. Exit 3 when a budget cannot be met.",
+    )
+    p.add_argument("adapter", help="PEFT LoRA folder (adapter_config.json + adapter_model.safetensors)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--budget", type=float, default=0.05,
+                   help="allowed relative Frobenius error ‖ΔW−ΔŴ‖/‖ΔW‖ (default 0.05)")
+    p.add_argument("--energy", type=float, default=None,
+                   help="instead of --budget: keep this fraction of the energy Σσ² (e.g. 0.99)")
+    p.add_argument("--scope", choices=SCOPES, default="group",
+                   help="where the budget applies: per group (default), per module, or over the whole adapter "
+                        "(error spent where it saves most bytes)")
+    p.add_argument("--structure", choices=("auto",) + tz.STRUCTURES, default="auto",
+                   help="force one structure for every group, or let the budget choose per group (auto)")
+    p.add_argument("--max-rank", type=int, default=None, help="upper bound on every rank chosen")
+    p.add_argument("--calibrate", metavar="BASE",
+                   help="base model ('smollm2', HF folder, .gguf): collect C = XXᵀ of every module's inputs over a "
+                        "few hundred tokens of --calibration-text and report output errors")
+    p.add_argument("--calibration-text", metavar="FILE",
+                   help="text file for --calibrate (default: held-out prompts of the date → ISO demo task)")
+    p.add_argument("--output-budget", action="store_true",
+                   help="with --calibrate: apply --budget to the output error ‖(ΔW−ΔŴ)X‖/‖ΔW X‖ instead of the "
+                        "weight error (svd and shared-out only)")
+    p.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default="float16",
+                   help="storage dtype of the factors (default float16)")
+    p.add_argument("--as-peft", metavar="PEFT_DIR", help="also write the plain PEFT expansion of the result")
+    p.add_argument("--force", action="store_true", help="overwrite --as-peft if it exists")
+    p.add_argument("--json", action="store_true", help="print the report as JSON instead of markdown")
+    p.set_defaults(func=_run_cli)
+
+
+def _run_cli(args) -> int:
+    from edge_lora.adapter import load_peft, save_peft
+
+    adapter = load_peft(args.adapter)
+    if args.output_budget and not args.calibrate:
+        raise BudgetError("--output-budget needs --calibrate BASE (the model whose activations define the error).")
+    config = CompressConfig(budget=args.budget, energy=args.energy, scope=args.scope, structure=args.structure,
+                            max_rank=args.max_rank, storage_dtype=args.dtype, curves=True,
+                            error_metric="output" if args.output_budget else "weight")
+    calibration = None
+    if args.calibrate:
+        from edge_lora.models import load_base
+
+        model, tokenizer = load_base(args.calibrate)
+        if tokenizer is None:
+            raise BudgetError(f"--calibrate {args.calibrate}: the base has no tokenizer to encode calibration text.")
+        if args.calibration_text:
+            texts = [t for t in Path(args.calibration_text).read_text().splitlines() if t.strip()]
+        else:
+            from edge_lora import eval as task
+            texts = [task.prompt_text(e) + task.target_text(e) for e in task.make_examples(64, seed=2, split="test")]
+        calibration = collect_calibration(model, tokenizer, texts, list(adapter.modules))
+    result, report = compress(adapter, config, calibration)
+    out = Path(args.out)
+    result.save(out)
+    if args.as_peft:
+        save_peft(result.to_adapter(), args.as_peft, overwrite=args.force)
+    (out / "report.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+    (out / "report.md").write_text(markdown_report(report))
+    write_plots(report, out)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        print(markdown_report(report))
+        print(f"wrote {out}/compressed.safetensors, report.md, report.json, spectra.png, error_vs_bytes.png"
+              + (f"; PEFT expansion in {args.as_peft}" if args.as_peft else ""))
+    return 0
