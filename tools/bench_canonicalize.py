@@ -88,7 +88,7 @@ def main(argv=None) -> int:
     dense_total = sum(count * dense for _, count, _, dense in rows)
 
     body = [
-        "`python tools/bench_canonicalize.py` — gauge-fixed SVD of every module of a Llama-2-7B-shaped adapter "
+        f"`{' '.join(['python tools/bench_canonicalize.py', *sys.argv[1:]])}` — gauge-fixed SVD of every module of a Llama-2-7B-shaped adapter "
         "(32 layers × 7 projections, d 4096, ffn 11008, rank 16; 224 modules), from the factors (two thin QRs and "
         "an r×r SVD per module, float64), against building ΔW = s·B·A and taking its SVD (float32, "
         "full_matrices=False).", "",
@@ -102,11 +102,10 @@ def main(argv=None) -> int:
         body.append(f"| {shape[0]}×{shape[1]} | {count} | {fac * 1e3:.1f} | {dense:.2f} | {dense / fac:,.0f}× |")
     body += ["", f"All {n} modules: factor path **{factor_total:.2f} s** (measured); dense baseline "
                  f"≈ {dense_total:,.0f} s (extrapolated) — **{dense_total / factor_total:,.0f}×**.", "",
-             f"The same factor path with 2 torch threads took {factor_two_threads:.2f} s: MKL's threaded QR on "
-             "d × 16 matrices is slower than one thread, and 100-300× slower while other processes hold the cores "
-             "(0.47 s against 1.6 ms for one 11008×16 QR, measured during this run's neighbours' jobs). "
-             "Recommendation for `canonicalize`: run its per-module QR/SVD under one torch thread "
-             "(`compress` does so by default, `CompressConfig.threads`)."]
+             f"The same factor path with 2 torch threads took {factor_two_threads:.2f} s. `canonicalize` and "
+             "`compress` run on one thread by default: on a busy 2-core machine MKL's threaded QR of a d × 16 "
+             "matrix collapsed (0.47 s against 1.6 ms for one 11008×16 QR, measured while other jobs held the "
+             "cores), while on an idle one the second thread gains little."]
     text = "\n".join(body)
     print(text)
     if not args.no_write:
