@@ -14,14 +14,13 @@ import json
 import math
 import os
 import re
-import shutil
-import tempfile
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
+from edge_lora.atomic import atomic_folder
 from edge_lora.errors import AdapterError, CompatibilityError
 
 CONFIG_NAME = "adapter_config.json"
@@ -325,24 +324,9 @@ def save_peft(adapter: Adapter, path: str | os.PathLike, dtype: torch.dtype = to
     if not adapter.modules:
         raise AdapterError(f"Nothing to save to {out}: every module has rank 0.")
     config = peft_config_for(adapter)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_folder(out) as tmp:
         save_file(peft_state_dict(adapter, dtype), str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

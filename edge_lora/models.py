@@ -16,10 +16,9 @@ import hashlib
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
+from edge_lora.atomic import atomic_folder
 from edge_lora.errors import ModelError
 
 CACHE_ENV = "EDGE_LORA_CACHE"
@@ -90,18 +89,10 @@ def convert_gguf(gguf: Path, out: Path | None = None, force: bool = False) -> Pa
     except Exception as exc:  # transformers raises many types for unsupported GGUF layouts
         raise ModelError(f"transformers could not read {gguf}: {exc}. Only architectures transformers can "
                          "de-quantize from GGUF are supported (llama, qwen2, mistral, ...).") from exc
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=out.parent))
-    try:
+    with atomic_folder(out) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "edge_lora_source.json").write_text(json.dumps({"gguf": gguf.name, "sha256": digest}, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edge_lora.atomic import replace_folder
 from edge_lora.errors import BudgetError, CompatibilityError, EdgeLoraError
 from edge_lora.profiles import Profile, load_profile
 from edge_lora.report import StageReport
@@ -198,13 +199,7 @@ def _atomic_folder(out: Path, force: bool):
 
 
 def _commit(tmp: Path, out: Path) -> None:
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
+    replace_folder(tmp, out)
 
 
 def run_export(base: str, adapter: str | os.PathLike, profile: str | Profile, out: str | os.PathLike,

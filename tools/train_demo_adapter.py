@@ -14,9 +14,7 @@ import argparse
 import json
 import math
 import os
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -29,6 +27,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch
 
 from edge_lora import eval as task
+from edge_lora.atomic import atomic_folder  # noqa: E402
 from edge_lora.models import base_content_hash, cache_dir, load_base, materialize_smollm2
 
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -195,17 +194,9 @@ def main(argv=None) -> int:
             f"{adapted['exact_match']:.3f}")
 
     # Write next to the destination, then rename: a crash never leaves a folder that looks finished.
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=out.parent))
-    try:
+    with atomic_folder(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     log(json.dumps({k: v for k, v in metrics.items() if k not in ("adapter_failures", "adapter_by_form")}))
     print(out)
     return 0
