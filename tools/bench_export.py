@@ -253,7 +253,7 @@ def main() -> None:
             print(json.dumps({k: v for k, v in exports[profile].items() if k != "validate"}), file=sys.stderr)
         results["exports"] = exports
         results["notes"].append(f"1-minute load average during the exports: {load_start:.1f} at start, "
-                                f"{os.getloadavg()[0]:.1f} at the end (other jobs shared the 2 cores).")
+                                f"{os.getloadavg()[0]:.1f} at the end (the export itself loads up to 2).")
     load_decode = os.getloadavg()[0]
 
     base_dir = work / "base"

@@ -25,7 +25,7 @@ def write_section(title: str, body: str, block: str | None = None, path: Path = 
         lines += ["", head, ""]
         start = len(lines) - 2
     end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-    new = portable(body).rstrip().splitlines()
+    new = portable(body).strip("\n").rstrip().splitlines()
     if block is None:
         section = ["", *new, ""]
     else:
