@@ -74,13 +74,7 @@ def _add_stage_commands(sub) -> None:
     import importlib
 
     for name in STAGE_CLIS:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name != name:
-                raise
-            continue  # TODO(lead): remove once every stage module exists
-        module.add_cli(sub)
+        importlib.import_module(name).add_cli(sub)
 
 
 def build_parser() -> argparse.ArgumentParser:
