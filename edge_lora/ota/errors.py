@@ -1,7 +1,7 @@
 """The OTA package errors. All are PackageErrors, so the CLI prints them and exits non-zero.
 
-Each names the package file (or install root), the entry or key at fault, what is wrong and what to do. Tests
-assert on the class, so each check that defends against one attack raises its own class.
+Each names the package file (or install root), the entry or key at fault, what is wrong and what to do. Each
+check that defends against one attack raises its own class, so the tests can tell them apart.
 """
 
 from edge_lora.errors import PackageError
