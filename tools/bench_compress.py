@@ -49,7 +49,7 @@ SECTION = "Compression"
 
 def env_line() -> str:
     return (f"{os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-            f"load average {os.getloadavg()[0]:.1f} at start (other jobs shared the machine)")
+            f"load average {os.getloadavg()[0]:.1f} at start")
 
 
 # ---------------------------------------------------------------------------------------------- synthetic
