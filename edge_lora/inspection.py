@@ -54,9 +54,10 @@ def inspect_adapter(path, base: str | None = None) -> dict:
     if base is not None:
         from edge_lora.models import base_content_hash, load_base, resolve_base
 
-        model, _ = load_base(base)
+        path = resolve_base(base)
+        model, _ = load_base(path)
         problems = compatibility_problems(adapter, model)
-        report["base"] = {"spec": str(base), "path": str(resolve_base(base)),
+        report["base"] = {"spec": str(base), "path": str(path),
                           "content_hash": base_content_hash(model)}
         report["compatible"] = not problems
         report["problems"] = problems

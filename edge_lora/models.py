@@ -75,12 +75,14 @@ def convert_gguf(gguf: Path, out: Path | None = None, force: bool = False) -> Pa
     gguf = Path(gguf)
     if not gguf.is_file():
         raise ModelError(f"GGUF file {gguf} does not exist.")
-    digest = file_sha256(gguf)
+    # Hash the file only when its name is needed (an unnamed cache entry) or a conversion will happen.
+    digest = file_sha256(gguf) if out is None else None
     if out is None:
         out = cache_dir() / "models" / f"{gguf.stem}-{digest[:12]}"
     marker = out / "edge_lora_source.json"
     if marker.is_file() and not force:
         return out
+    digest = digest or file_sha256(gguf)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
