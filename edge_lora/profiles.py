@@ -41,6 +41,9 @@ class ExportConfig:
     opset: int = 0                   # 0: optimum's default for the architecture
     external_data: str = "auto"      # "auto": optimum/torch switch to external data above 2 GB; "always"
     hotswap_targets: list = field(default_factory=list)  # extra module names to give a LoRA branch (hotswap)
+    # One MatMul + Split for projections that read one input (q/k/v, gate/up), and one LoRA branch per such
+    # group in hot-swap graphs: fewer, larger kernels at decode; outputs unchanged.
+    fuse_projections: bool = True
 
     def __post_init__(self):
         _choice("export", "mode", self.mode, ("merged", "hotswap"))

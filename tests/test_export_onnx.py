@@ -20,6 +20,9 @@ from edge_lora.stages.export_onnx import (
     ADAPTER_FILE,
     export_hotswap,
     export_merged,
+    hotswap_layout,
+    lora_group_name,
+    lora_input_arrays_for,
     lora_input_names,
     read_meta,
     write_ort_adapter,
@@ -119,8 +122,14 @@ def test_graph_and_adapter_file_use_the_same_names(hotswap_setup):
     meta = read_meta(folders["hotswap"])
     params = set(ort.AdapterFormat.read_adapter(str(folders["hotswap"] / ADAPTER_FILE)).get_parameters())
     graph_inputs = {n for names in meta["lora_inputs"].values() for n in names}
-    assert params == graph_inputs
-    assert all(list(lora_input_names(m)) == sorted(names) for m, names in meta["lora_inputs"].items())
+    assert params == graph_inputs == {n for g in meta["lora_groups"] for n in g["inputs"]}
+    assert set(HotswapSession(folders["hotswap"]).lora_inputs) == graph_inputs
+    for g in meta["lora_groups"]:
+        assert g["name"] == lora_group_name(g["modules"]) and g["inputs"] == list(lora_input_names(g["name"]))
+        assert all(meta["lora_inputs"][m] == g["inputs"] for m in g["modules"])
+    # q/k/v and gate/up are one branch each (llama); BERT's biased query and value are one branch too
+    sizes = sorted({len(g["modules"]) for g in meta["lora_groups"]})
+    assert sizes == ([1, 2, 3] if "q_proj" in str(meta["lora_groups"]) else [1, 2])
 
 
 def test_empty_adapter_is_refused_at_load(hotswap_setup, tmp_path):
@@ -177,3 +186,177 @@ def test_hotswap_matches_peft_across_layouts(tmp_path, case):
     session.load_adapter("x", folder / ADAPTER_FILE)
     np.testing.assert_allclose(ort_out(session.session, session.run_options("x")), torch_out(peft_model),
                                rtol=1e-4, atol=2e-5)
+
+
+def _ops(folder) -> dict[str, int]:
+    import onnx
+
+    counts: dict[str, int] = {}
+    for node in onnx.load(str(folder / "model.onnx"), load_external_data=False).graph.node:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return counts
+
+
+@pytest.mark.parametrize("mode", ["merged", "hotswap"])
+def test_fused_projections_change_kernels_not_outputs(tmp_path, mode):
+    """fuse_projections on vs off: fewer MatMuls, same outputs (with and without the adapter)."""
+    kind, kwargs = ADAPTER_TABLE["llama-all7"]
+    make_peft_adapter(kind, kwargs, tmp_path / "x")
+    x = load_peft(tmp_path / "x")
+    outs, ops = {}, {}
+    for fuse in (True, False):
+        config = ExportConfig(mode=mode, fuse_projections=fuse)
+        if mode == "merged":
+            folder = export_into(tmp_path, f"f{fuse}", export_merged, merge(tiny_model(kind), x)[0], None,
+                                 config=config)
+            outs[fuse] = [ort_out(load_session(folder))]
+        else:
+            folder = export_into(tmp_path, f"f{fuse}", export_hotswap, tiny_model(kind), None, x, config=config)
+            session = HotswapSession(folder)
+            session.load_adapter("x", folder / ADAPTER_FILE)
+            outs[fuse] = [ort_out(session.session), ort_out(session.session, session.run_options("x"))]
+        ops[fuse] = _ops(folder)
+        assert (read_meta(folder)["fused_projections"] is not None) == fuse
+    for fused, plain in zip(outs[True], outs[False]):
+        np.testing.assert_allclose(fused, plain, rtol=1e-5, atol=1e-5)
+    layers = 2
+    # per layer: the 5 base MatMuls of q,k,v and gate,up become 2; hot-swap: their 5 LoRA branches
+    # (MatMul, MatMul, Add each) become 2 as well
+    if mode == "merged":
+        assert ops[False]["MatMul"] - ops[True]["MatMul"] == 3 * layers
+    else:
+        assert ops[False]["MatMul"] - ops[True]["MatMul"] == (3 + 2 * 3) * layers
+        assert ops[False]["Add"] - ops[True]["Add"] == 3 * layers
+    assert ops[True]["Split"] - ops[False].get("Split", 0) == 2 * layers
+
+
+def test_adapter_on_part_of_a_fused_group(tmp_path):
+    """Export for q,k,v,…; an adapter for q and v only (mixed ranks) gets zero blocks for k: == PEFT."""
+    kind, kwargs = ADAPTER_TABLE["llama-all7"]
+    make_peft_adapter(kind, kwargs, tmp_path / "x")
+    peft_y = make_peft_adapter(kind, {"r": 3, "lora_alpha": 6, "target_modules": ["q_proj", "v_proj"],
+                                      "rank_pattern": {"v_proj": 5}}, tmp_path / "y")
+    folder = export_into(tmp_path, "hs", export_hotswap, tiny_model(kind), None, load_peft(tmp_path / "x"),
+                         config=ExportConfig(mode="hotswap"))
+    meta = read_meta(folder)
+    y = load_peft(tmp_path / "y")
+    with pytest.raises(CompatibilityError, match="edge_lora.json"):   # module names alone cannot size k's block
+        write_ort_adapter(y, tmp_path / "y.onnx_adapter", set(meta["lora_inputs"]))
+    write_ort_adapter(y, tmp_path / "y.onnx_adapter", meta)
+    arrays = lora_input_arrays_for(y, meta)
+    qkv = next(g for g in meta["lora_groups"] if g["modules"][0].endswith("layers.0.self_attn.q_proj"))
+    a, b = arrays[qkv["inputs"][0]], arrays[qkv["inputs"][1]]
+    assert a.shape == (qkv["d_in"], 3 + 5) and b.shape == (8, sum(qkv["d_out"]))
+    q, k, v = np.split(b, np.cumsum(qkv["d_out"])[:-1], axis=1)
+    assert not k.any() and not q[3:].any() and not v[:3].any() and q[:3].any() and v[3:].any()   # block-diagonal
+    assert not any(n.startswith("lora.model.layers.0.mlp") for n in arrays)   # untouched groups: graph defaults
+    session = HotswapSession(folder)
+    session.load_adapter("y", tmp_path / "y.onnx_adapter")
+    np.testing.assert_allclose(ort_out(session.session, session.run_options("y")), torch_out(peft_y),
+                               rtol=1e-4, atol=2e-5)
+
+
+def test_layout_from_module_names_matches_the_export(tmp_path):
+    """The OTA packager writes adapter files from the export's module names; that layout equals the export's."""
+    kind, kwargs = ADAPTER_TABLE["bert-query-value"]
+    make_peft_adapter(kind, kwargs, tmp_path / "x")
+    x = load_peft(tmp_path / "x")
+    folder = export_into(tmp_path, "hs", export_hotswap, tiny_model(kind), None, x,
+                         config=ExportConfig(mode="hotswap"))
+    meta = read_meta(folder)
+    assert hotswap_layout(x, set(meta["lora_inputs"])) == hotswap_layout(x, meta)
+
+
+@pytest.mark.parametrize("structure", ["shared-out", "tucker2"])
+def test_compressed_shared_factors_are_single_inputs(tmp_path, structure):
+    """A compressed adapter with cross-layer shared U (and Vt): one graph input and one adapter-file tensor per
+    shared factor, used by every layer's branch; outputs == the PEFT expansion of the compressed adapter."""
+    import onnxruntime as ort
+
+    from edge_lora.compressed import CompressedAdapter
+    from edge_lora.stages.compress import CompressConfig, compress
+
+    kind, kwargs = ADAPTER_TABLE["llama-all7"]
+    make_peft_adapter(kind, kwargs, tmp_path / "x")
+    compressed, _ = compress(load_peft(tmp_path / "x"), CompressConfig(budget=0.6, structure=structure))
+    compressed.save(tmp_path / "c")
+    compressed = CompressedAdapter.load(tmp_path / "c")
+    shared = [g for g in compressed.groups if g.structure == structure]
+    assert shared, [g.structure for g in compressed.groups]
+    expected = torch_out(merge(tiny_model(kind), compressed.to_adapter())[0])
+    folder = export_into(tmp_path, "hs", export_hotswap, tiny_model(kind), None, compressed,
+                         config=ExportConfig(mode="hotswap"))
+    meta = read_meta(folder)
+    session = HotswapSession(folder)
+    session.load_adapter("c", folder / ADAPTER_FILE)
+    np.testing.assert_allclose(ort_out(session.session, session.run_options("c")), expected, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(ort_out(session.session), ort_out(load_session(
+        export_into(tmp_path, "base", export_merged, tiny_model(kind), None))), rtol=0, atol=1e-6)
+    params = ort.AdapterFormat.read_adapter(str(folder / ADAPTER_FILE)).get_parameters()
+    chains = [c for c in meta["lora_chains"] if c["structure"] == structure]
+    for g in shared:
+        users = [c for c in chains if c["group"] == g.name]
+        assert len(users) == len(g.modules) >= 2
+        u_names = {c["inputs"][2] for c in users}
+        assert len(u_names) == 1 and u_names <= set(params)                      # U: one input, stored once
+        assert params[u_names.pop()].numpy().shape == tuple(g.shared["U"].T.shape)
+        v_names = {c["inputs"][0] for c in users}
+        assert len(v_names) == (1 if structure == "tucker2" else len(users))      # Vt shared for tucker2 only
+    assert len(params) == len({n for c in meta["lora_chains"] for n in c["inputs"]} & set(params)) + sum(
+        2 for g in meta["lora_groups"] if g["inputs"][0] in params)
+
+
+def test_per_module_adapter_file_on_a_packed_export_is_refused(tmp_path):
+    """An adapter file in the unfused layout (one A/B per module) cannot drive a packed export: clear error."""
+    import onnxruntime as ort
+
+    from edge_lora.stages.export_onnx import lora_input_arrays
+
+    kind, kwargs = ADAPTER_TABLE["llama-all7"]
+    make_peft_adapter(kind, kwargs, tmp_path / "x")
+    x = load_peft(tmp_path / "x")
+    folder = export_into(tmp_path, "hs", export_hotswap, tiny_model(kind), None, x, config=ExportConfig(mode="hotswap"))
+    arrays = {}
+    for name, module in x.modules.items():
+        arrays[lora_input_names(name)[0]], arrays[lora_input_names(name)[1]] = lora_input_arrays(module)
+    fmt = ort.AdapterFormat()
+    fmt.set_parameters({k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in arrays.items()})
+    fmt.export_adapter(str(tmp_path / "old.onnx_adapter"))
+    with pytest.raises(AdapterError, match="one LoRA branch"):
+        HotswapSession(folder).load_adapter("old", tmp_path / "old.onnx_adapter")
+
+
+@pytest.mark.parametrize("opset", [11, 18])
+def test_fuse_pass_on_a_handmade_graph(tmp_path, opset):
+    """The pass alone, on both Split forms (attribute before opset 13, input after): 3 MatMuls reading x with
+    constant weights (one biased) → 1 MatMul + Split; a MatMul reading another value is left alone."""
+    import onnx
+    import onnx_ir as ir
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edge_lora.stages.fuse import fuse_projections
+
+    rng = np.random.default_rng(0)
+    w = {f"w{i}": rng.standard_normal((8, d)).astype(np.float32) for i, d in enumerate((4, 6, 2))}
+    w["w3"] = rng.standard_normal((4, 3)).astype(np.float32)
+    bias = rng.standard_normal(6).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", f"w{i}"], [f"m{i}"]) for i in range(3)]
+    nodes += [helper.make_node("Add", ["m1", "b1"], ["a1"]), helper.make_node("MatMul", ["m0", "w3"], ["m3"])]
+    nodes += [helper.make_node("Relu", [v], [f"y{i}"]) for i, v in enumerate(["m0", "a1", "m2", "m3"])]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 5, 8])],
+        [helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, None) for i in range(4)],
+        [numpy_helper.from_array(v, k) for k, v in w.items()] + [numpy_helper.from_array(bias, "b1")])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=7)
+    onnx.save(proto, tmp_path / "plain.onnx")
+    model = ir.load(tmp_path / "plain.onnx")
+    result = fuse_projections(model)
+    ir.save(model, tmp_path / "fused.onnx")
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "fused.onnx")).graph.node]
+    assert result["fused"] == 1 and ops.count("MatMul") == 2 and ops.count("Split") == 1
+    x = rng.standard_normal((2, 5, 8)).astype(np.float32)
+    outs = [ort.InferenceSession(str(tmp_path / f), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+            for f in ("plain.onnx", "fused.onnx")]
+    for a, b in zip(*outs):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)

@@ -92,3 +92,28 @@ def test_minilm_encoder_both_modes(tmp_path, profile):
     metrics = next(s for s in report["stages"] if s["stage"] == "validate")["metrics"]
     assert report["status"] == "PASSED" and metrics["hidden_rel_error"] < 1e-4
     assert metrics["reference_vs_base_rel_diff"] > 1e-3   # the adapter changes the output
+
+
+def test_smollm2_packed_projections_keep_outputs(tmp_path):
+    """SmolLM2 exported with and without packed q/k/v and gate/up: same logits, 2 of 5 MatMuls per layer."""
+    import onnx
+
+    from edge_lora.models import load_base
+    from edge_lora.profiles import ExportConfig
+    from edge_lora.runtimes.ort_session import full_feeds, load_session
+    from edge_lora.stages.export_onnx import export_merged
+
+    ids = np.random.default_rng(0).integers(0, 49152, size=(1, 24))
+    logits, matmuls = {}, {}
+    for fuse in (True, False):
+        out = tmp_path / f"fuse-{fuse}"
+        out.mkdir()
+        model, tok = load_base("smollm2")
+        export_merged(model, tok, out, ExportConfig(fuse_projections=fuse))
+        del model
+        session = load_session(out)
+        logits[fuse] = session.run(None, full_feeds(session, ids))[0]
+        graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
+        matmuls[fuse] = sum(n.op_type == "MatMul" for n in graph.node)
+    np.testing.assert_allclose(logits[True], logits[False], rtol=1e-5, atol=1e-4)
+    assert matmuls[False] - matmuls[True] == 3 * 30   # 30 layers: q,k,v → 1 and gate,up → 1

@@ -9,7 +9,11 @@ Measures
 2. decode latency (ms/token, batch 1, KV cache, ONNX Runtime CPU) of the plain base export, the merged
    export, the hot-swap export with no adapter and with the adapter active, interleaved A B A B (the order
    rotates every round) so drift hits all variants alike; medians over rounds;
-3. where the hot-swap time goes: ORT's profiler over decode steps, time by op type and in the LoRA branch nodes.
+3. where the hot-swap time goes: graph node counts (all, and LoRA branch nodes: every node between a ``lora.*``
+   input and the Add that joins the base output), and ORT's profiler over decode steps: time by op type and in
+   the LoRA branch nodes.
+All exports use the packed projections of ``export.fuse_projections`` (q/k/v and gate/up: one MatMul + Split,
+one LoRA branch per group); the base is re-exported each run (unless --skip-export) so it matches.
 Only the ``## Export`` section of BENCHMARKS.md is replaced; other tools own the other sections.
 """
 
@@ -19,7 +23,6 @@ import argparse
 import json
 import os
 import platform
-import re
 import resource
 import shutil
 import statistics
@@ -62,7 +65,9 @@ def run_export(base: str, adapter: str, profile: str, out: Path) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ decode
-def decode_ms(session, run_options, prompt: np.ndarray, n_tokens: int) -> list[float]:
+def decode_ms(session, run_options, prompt: np.ndarray, n_tokens: int, cpu: list | None = None) -> list[float]:
+    """Wall ms per decode step; with ``cpu``, the process CPU ms of each step are appended to it (less sensitive
+    than wall time to other jobs on a shared machine, but it counts spinning worker threads too)."""
     from edge_lora.runtimes.ort_generate import OrtCausalLM
 
     lm = OrtCausalLM(session, None, run_options)
@@ -74,9 +79,11 @@ def decode_ms(session, run_options, prompt: np.ndarray, n_tokens: int) -> list[f
     for _ in range(n_tokens):
         ids = logits.argmax(-1)[:, None].astype(np.int64)
         mask = np.concatenate([mask, np.ones_like(mask[:, :1])], axis=-1)
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         logits, past = lm.step(ids, mask, past)
         times.append((time.perf_counter() - t) * 1e3)
+        if cpu is not None:
+            cpu.append((time.process_time() - c) * 1e3)
     return times
 
 
@@ -112,22 +119,64 @@ def bench_decode(folders: dict[str, Path], adapter_file: Path, threads: int, rou
     for session, options in variants.values():   # warm-up
         decode_ms(session, options, prompt, 8)
     per_round: dict[str, list[float]] = {k: [] for k in variants}
+    cpu_round: dict[str, list[float]] = {k: [] for k in variants}
     names = list(variants)
     for r in range(rounds):
         for name in names[r % len(names):] + names[:r % len(names)]:
             session, options = variants[name]
-            per_round[name].append(statistics.median(decode_ms(session, options, prompt, n_tokens)))
-    out = {name: {"median_ms": statistics.median(v), "min_ms": min(v), "max_ms": max(v)}
+            cpu: list[float] = []
+            per_round[name].append(statistics.median(decode_ms(session, options, prompt, n_tokens, cpu)))
+            cpu_round[name].append(statistics.median(cpu))
+    out = {name: {"median_ms": statistics.median(v), "min_ms": min(v), "max_ms": max(v),
+                  "cpu_ms": statistics.median(cpu_round[name])}
            for name, v in per_round.items()}
     base = out["base"]["median_ms"]
     for name in out:
         out[name]["vs_base"] = out[name]["median_ms"] / base - 1
+        out[name]["cpu_vs_base"] = out[name]["cpu_ms"] / out["base"]["cpu_ms"] - 1
     return {"variants": out, "checks": checks, "load_adapter_ms": load_adapter_ms, "rounds": rounds, "tokens": n_tokens,
             "threads": threads}
 
 
-def profile_decode(folder: Path, adapter_file: Path | None, threads: int, n_tokens: int, lora_leaf: set[str]) -> dict:
-    """Op-type time of n decode steps from ORT's profiler; LoRA branch nodes counted apart."""
+def lora_nodes(folder: Path) -> set[str]:
+    """Names of the LoRA branch nodes: from each ``lora.*`` input down through MatMuls, to the joining Add."""
+    import onnx
+
+    graph = onnx.load(str(folder / "model.onnx"), load_external_data=False).graph
+    readers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    out, todo = set(), [i.name for i in graph.input if i.name.startswith("lora.")]
+    while todo:
+        for node in readers.get(todo.pop(), []):
+            if node.name in out:
+                continue
+            out.add(node.name)
+            if node.op_type in ("MatMul", "Gather"):
+                todo.extend(node.output)
+    return out
+
+
+def graph_counts(folder: Path) -> dict:
+    import onnx
+
+    graph = onnx.load(str(folder / "model.onnx"), load_external_data=False).graph
+    by_op: dict[str, int] = {}
+    for node in graph.node:
+        by_op[node.op_type] = by_op.get(node.op_type, 0) + 1
+    lora = lora_nodes(folder)
+    lora_ops: dict[str, int] = {}
+    for node in graph.node:
+        if node.name in lora:
+            lora_ops[node.op_type] = lora_ops.get(node.op_type, 0) + 1
+    return {"nodes": len(graph.node), "MatMul": by_op.get("MatMul", 0), "Split": by_op.get("Split", 0),
+            "lora_nodes": len(lora), "lora_ops": lora_ops,
+            "lora_inputs": sum(1 for i in graph.input if i.name.startswith("lora."))}
+
+
+def profile_decode(folder: Path, adapter_file: Path | None, threads: int, n_tokens: int) -> dict:
+    """Op-type time of n decode steps from ORT's profiler; LoRA branch nodes (see lora_nodes) counted apart."""
     import onnxruntime as ort
 
     from edge_lora.runtimes.ort_session import session_options
@@ -146,19 +195,22 @@ def profile_decode(folder: Path, adapter_file: Path | None, threads: int, n_toke
     path = session.end_profiling()
     events = json.loads(Path(path).read_text())
     Path(path).unlink(missing_ok=True)
-    lora_re = re.compile(r"/(%s)/(MatMul|MatMul_1|Add)(_kernel_time)?$" % "|".join(map(re.escape, lora_leaf)))
+    lora = lora_nodes(folder)
     by_op: dict[str, float] = {}
     lora_us = total_us = 0.0
+    kernels = 0
     for e in events:
         if e.get("cat") != "Node" or not e["name"].endswith("_kernel_time"):
             continue
         op = e.get("args", {}).get("op_name", "?")
         by_op[op] = by_op.get(op, 0.0) + e["dur"]
         total_us += e["dur"]
-        if lora_leaf and lora_re.search(e["name"]):
+        kernels += 1
+        if e["name"][:-len("_kernel_time")] in lora:
             lora_us += e["dur"]
     steps = n_tokens + 1
     return {"kernel_ms_per_step": total_us / 1e3 / steps, "lora_ms_per_step": lora_us / 1e3 / steps,
+            "kernels_per_step": kernels / steps,
             "top_ops_ms_per_step": dict(sorted(((k, v / 1e3 / steps) for k, v in by_op.items()),
                                                key=lambda kv: -kv[1])[:6])}
 
@@ -185,22 +237,37 @@ def section(results: dict, command: str) -> str:
     lines += ["", f"Decode, batch 1, 32-token prompt then {d['tokens']} tokens with the KV cache; ONNX Runtime "
               f"{results['ort']} CPUExecutionProvider, fp32, {d['threads']} intra-op threads, spinning on. Median "
               f"over {d['rounds']} interleaved rounds (order rotates each round) of the per-round median ms/token:",
-              "", "| variant | ms/token (median) | min | max | vs base |", "|---|---:|---:|---:|---:|"]
+              "", "| variant | ms/token (median) | min | max | vs base | CPU ms/token | CPU vs base |",
+              "|---|---:|---:|---:|---:|---:|---:|"]
     for name, v in d["variants"].items():
         lines.append(f"| {name} | {v['median_ms']:.2f} | {v['min_ms']:.2f} | {v['max_ms']:.2f} | "
-                     f"{v['vs_base'] * 100:+.1f}% |")
+                     f"{v['vs_base'] * 100:+.1f}% | {v.get('cpu_ms', float('nan')):.2f} | "
+                     f"{v.get('cpu_vs_base', float('nan')) * 100:+.1f}% |")
+    lines += ["", ("CPU ms/token is the process's CPU time per step (all ORT threads, spinning included): steadier "
+                   "than wall time when other jobs share the cores.")]
     lines += ["", f"Loading the adapter file into a live session (LoraAdapter.Load + probe check): "
               f"{d['load_adapter_ms']:.1f} ms.", "",
               "Equality on SmolLM2, 64-token input, logits: " + ", ".join(f"{k} = {v:.3g}" if isinstance(v, float)
                                                                        else f"{k} = {v}"
                                                                        for k, v in d["checks"].items()) + "."]
+    g = results.get("graphs")
+    if g:
+        lines += ["", ("Graph size (packed projections: q/k/v and gate/up are one MatMul + Split, and one LoRA "
+                       "branch per group in the hot-swap graph):"), "",
+                  "| export | nodes | MatMul | Split | LoRA inputs | LoRA branch nodes |", "|---|---:|---:|---:|---:|---|"]
+        for name, v in g.items():
+            ops = ", ".join(f"{k} {n}" for k, n in sorted(v["lora_ops"].items()))
+            lines.append(f"| {name} | {v['nodes']} | {v['MatMul']} | {v['Split']} | {v['lora_inputs']} | "
+                         f"{v['lora_nodes']}{' (' + ops + ')' if ops else ''} |")
     p = results.get("profile")
     if p:
         lines += ["", "Where the hot-swap time goes (ORT profiler, kernel time per decode step):", "",
-                  "| variant | kernels ms/step | LoRA branch ms/step | top ops (ms/step) |", "|---|---:|---:|---|"]
+                  "| variant | kernels/step | kernels ms/step | LoRA branch ms/step | top ops (ms/step) |",
+                  "|---|---:|---:|---:|---|"]
         for name, v in p.items():
             ops = ", ".join(f"{k} {t:.2f}" for k, t in v["top_ops_ms_per_step"].items())
-            lines.append(f"| {name} | {v['kernel_ms_per_step']:.2f} | {v['lora_ms_per_step']:.2f} | {ops} |")
+            lines.append(f"| {name} | {v.get('kernels_per_step', float('nan')):.0f} | {v['kernel_ms_per_step']:.2f} | "
+                         f"{v['lora_ms_per_step']:.2f} | {ops} |")
     if results.get("notes"):
         lines += [""] + [f"- {n}" for n in results["notes"]]
     return "\n".join(lines) + "\n"
@@ -227,7 +294,7 @@ def main() -> None:
     import onnxruntime as ort
 
     from edge_lora.models import cache_dir, load_base
-    from edge_lora.stages.export_onnx import ADAPTER_FILE, export_merged, read_meta
+    from edge_lora.stages.export_onnx import ADAPTER_FILE, export_merged
 
     adapter = args.adapter or str(cache_dir() / "adapters" / "date-iso-r16")
     work = Path(args.work)
@@ -257,7 +324,8 @@ def main() -> None:
     load_decode = os.getloadavg()[0]
 
     base_dir = work / "base"
-    if not (base_dir / "model.onnx").is_file():
+    if not args.skip_export or not (base_dir / "model.onnx").is_file():
+        print("export base ...", file=sys.stderr)
         shutil.rmtree(base_dir, ignore_errors=True)
         base_dir.mkdir()
         model, tokenizer = load_base(args.base)
@@ -267,11 +335,11 @@ def main() -> None:
     adapter_file = folders["hotswap"] / ADAPTER_FILE
     print("decode ...", file=sys.stderr)
     results["decode"] = bench_decode(folders, adapter_file, args.threads, args.rounds, args.tokens)
-    leaves = {m.rsplit(".", 1)[-1] for m in read_meta(folders["hotswap"])["lora_inputs"]}
+    results["graphs"] = {"base": graph_counts(folders["base"]), "hotswap": graph_counts(folders["hotswap"])}
     results["profile"] = {
-        # in the base graph the projections' own MatMuls carry these names: nothing there is a LoRA node
-        "base": profile_decode(folders["base"], None, args.threads, 16, set()),
-        "hotswap + adapter": profile_decode(folders["hotswap"], adapter_file, args.threads, 16, leaves),
+        "base": profile_decode(folders["base"], None, args.threads, 16),
+        "hotswap, no adapter": profile_decode(folders["hotswap"], None, args.threads, 16),
+        "hotswap + adapter": profile_decode(folders["hotswap"], adapter_file, args.threads, 16),
     }
     results["notes"].append(f"1-minute load average during the decode benchmark: {load_decode:.1f} at start, "
                             f"{os.getloadavg()[0]:.1f} at the end; on a busy machine absolute ms/token are "

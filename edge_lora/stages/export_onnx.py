@@ -6,8 +6,20 @@ merged:  ``onnx_export_from_model`` on the merged torch model. Causal LMs get th
 hotswap: every adapted module is wrapped as ``y = base(x) + (x·A)·B`` with *tag* factors (seeded random,
          rank 2), exported the same way; then an onnx_ir pass finds each tag initializer by its bytes (names
          do not survive the TorchScript exporter: weights become ``onnx::MatMul_123``), renames it to the name
-         from :func:`lora_input_names`, makes it a graph input of shape [d_in, "rank"] / ["rank", d_out] and
-         leaves an empty rank-0 initializer as its default. Without an adapter the branch adds exact zeros.
+         from :func:`lora_input_names`, makes it a graph input of shape [d_in, "rank.<m>"] / ["rank.<m>", d_out]
+         and leaves an empty rank-0 initializer as its default. Without an adapter the branch adds exact zeros.
+
+Packed projections (``export.fuse_projections``, every mode; edge_lora.stages.fuse): MatMuls that read one
+value (q/k/v, gate/up) become one MatMul over the concatenated weight + Split. In a hot-swap graph the branches
+of one :func:`lora_groups` group become one branch ``x·W_cat + (x·A_cat)·B_bd``: inputs
+``lora.<parent>.q_proj+k_proj+v_proj.A`` (d_in × Σr, ``[A_q | A_k | A_v]``) and ``….B`` (Σr × Σd_out, block
+diagonal). edge_lora.json records each branch under ``lora_groups`` (modules, d_in, d_out, out_offsets) and,
+with an adapter, its ranks and rank offsets under ``adapter_ranks``; :func:`lora_input_arrays_for` gives the
+graph-layout arrays of any adapter for that layout, and :func:`write_ort_adapter` writes them.
+
+A compressed adapter (edge_lora.compressed) with factors shared across layers exports its shared groups as
+chain branches ``x·R·C·L`` (unfused): a shared U (and Vt) is ONE graph input used by every layer and one
+tensor in the adapter file (``lora_chains`` in edge_lora.json).
 
 The folder is self-contained: model.onnx (+ external data over 2 GB), config.json, tokenizer files, and
 ``edge_lora.json`` describing the export.
@@ -21,11 +33,12 @@ import io
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
 import warnings
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -36,18 +49,21 @@ from edge_lora.errors import CompatibilityError, ModelError
 from edge_lora.profiles import ExportConfig
 from edge_lora.report import StageReport
 
+# The LoRA input naming lives beside the fusion pass (which names group inputs); imported from here by callers.
+from edge_lora.stages.fuse import (  # noqa: F401
+    RANK_DIM,
+    fuse_projections,
+    lora_group_name,
+    lora_groups,
+    lora_input_names,
+    rank_dim,
+)
+
 MODEL_FILE = "model.onnx"
 ADAPTER_FILE = "adapter.onnx_adapter"
 META_FILE = "edge_lora.json"
 META_VERSION = 1
 TAG_RANK = 2
-RANK_DIM = "rank"
-
-
-def lora_input_names(module_name: str) -> tuple[str, str]:
-    """Graph input names of a module's factors. The ONE place these names are made: the graph pass and the
-    adapter-file writer both call it, so they cannot disagree ("Invalid input name" at run time)."""
-    return f"lora.{module_name}.A", f"lora.{module_name}.B"
 
 
 def lora_input_arrays(module) -> tuple[np.ndarray, np.ndarray]:
@@ -141,9 +157,17 @@ def export_merged(model, tokenizer, out_dir: Path, config: ExportConfig = Export
     start = time.perf_counter()
     task = resolve_task(model, config)
     optimum_export(model, out_dir, task, config)
+    fused = rewrite_model(out_dir / MODEL_FILE, fuse_projections) if config.fuse_projections else None
     _save_side_files(model, tokenizer, out_dir)
-    info = write_meta(out_dir, {"mode": "merged", "task": task, **(meta or {})})
+    info = write_meta(out_dir, {"mode": "merged", "task": task, "fused_projections": _fuse_summary(fused),
+                                **(meta or {})})
     return info, _report(config, out_dir, info, start)
+
+
+def _fuse_summary(result: dict | None) -> dict | None:
+    if result is None:
+        return None
+    return {"fused": result["fused"], "nodes_before": result["nodes_before"], "nodes_after": result["nodes_after"]}
 
 
 def _report(config: ExportConfig, out_dir: Path, info: dict, start: float) -> StageReport:
@@ -167,22 +191,311 @@ def onnx_folder_hash(folder: Path) -> str:
 
 
 # ------------------------------------------------------------------------------------------ hotswap
+def _digest(array: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(array, dtype=np.float32).tobytes()).hexdigest()
+
+
+def rewrite_model(model_path: Path, fn):
+    """Load ``model_path`` with onnx_ir, apply ``fn(model)`` and save it in place (external data kept as such).
+    Returns what ``fn`` returns."""
+    import onnx_ir as ir
+
+    model = ir.load(model_path)
+    result = fn(model)
+    # ir.load reads external data lazily, from the files we are about to replace: write into a side folder
+    # under the final names (the model refers to its data file by name), then move both into place.
+    data = model_path.with_name(model_path.name + "_data")
+    side = Path(tempfile.mkdtemp(prefix=".rewrite-", dir=model_path.parent))
+    try:
+        ir.save(model, side / model_path.name, external_data=data.name if data.exists() else None)
+        del model
+        for produced in side.iterdir():
+            os.replace(produced, model_path.parent / produced.name)
+    finally:
+        shutil.rmtree(side, ignore_errors=True)
+    return result
+
+
+def _lift(model, tags: dict[str, tuple[str, np.ndarray, list]]) -> dict[str, str]:
+    """Tag initializers → graph inputs with rank-0 defaults. ``tags``: digest → (input name, tag array, dims with
+    a symbolic name (see rank_dim) on the rank axes). Returns input name → name, for the tags found.
+
+    A tag used by several modules (a shared factor) should be one initializer; if the exporter duplicated it,
+    every copy is routed to the first, so the graph still has ONE input for it."""
+    import onnx_ir as ir
+
+    graph = model.graph
+    shapes = {tuple(arr.shape) for _, arr, _ in tags.values()}
+    found: dict[str, object] = {}
+    for value in list(graph.initializers.values()):
+        if value.const_value is None or tuple(value.shape or ()) not in shapes:
+            continue
+        hit = tags.get(_digest(value.const_value.numpy()))
+        if hit is None:
+            continue
+        new_name, _, dims = hit
+        if new_name in found:
+            ir.convenience.replace_all_uses_with(value, found[new_name])
+            graph.initializers.pop(value.name)
+            continue
+        value.name = new_name
+        empty = np.zeros([0 if isinstance(d, str) else d for d in dims], dtype=np.float32)
+        value.const_value = ir.tensor(empty, name=new_name)
+        value.shape = ir.Shape(dims)
+        value.type = ir.TensorType(ir.DataType.FLOAT)
+        graph.inputs.append(value)
+        found[new_name] = value
+    return {n: n for n in found}
+
+
+def lift_lora_inputs(model, branches: dict) -> dict[str, list[str]]:
+    """onnx_ir pass on ``model``: tag initializers → graph inputs with rank-0 defaults. Returns module → its input
+    names ([A, B], or [R, C, L] for a chain branch).
+
+    A module whose factors are absent from the graph does not reach the exported outputs (e.g. BERT's pooler
+    in a feature-extraction export, pruned by the exporter); it is left out of the result."""
+    tags = {}
+    for br in branches.values():
+        for name, param, dims in br.tags():
+            tags[_digest(param.detach().numpy())] = (name, param.detach().numpy(), dims)
+    found = _lift(model, tags)
+    out, half = {}, []
+    for module, br in branches.items():
+        names = [name for name, _, _ in br.tags()]
+        hits = [n for n in names if n in found]
+        if len(hits) == len(names):
+            out[module] = names
+        elif hits:
+            half.append(module)
+    if half:
+        raise ModelError(f"hotswap export: only some LoRA factors of {half[:3]} were found in the exported graph "
+                         "(the exporter folded or duplicated the others); this is a bug in edge_lora.")
+    return dict(sorted(out.items()))
+
+
+# ------------------------------------------------------------------------------------------ layout
+@dataclass(frozen=True)
+class LoraGroup:
+    """One LoRA branch of a hot-swap graph: the modules whose outputs it updates (one, or a fused group), the
+    graph inputs A (d_in × Σr) and B (Σr × Σd_out, block-diagonal), and each module's d_out in column order."""
+
+    name: str
+    inputs: tuple[str, str]
+    modules: tuple[str, ...]
+    d_in: int
+    d_out: tuple[int, ...]
+
+    def as_meta(self) -> dict:
+        return {"name": self.name, "inputs": list(self.inputs), "modules": list(self.modules), "d_in": self.d_in,
+                "d_out": list(self.d_out), "out_offsets": [int(o) for o in np.cumsum((0,) + self.d_out)[:-1]]}
+
+
+@dataclass(frozen=True)
+class LoraChain:
+    """A module of a compressed adapter's shared group: ``x·R·C·L`` with R (d_in × r_v), C (r_v × r_u),
+    L (r_u × d_out) in graph layout; a shared factor is the same input name in every module of its group."""
+
+    module: str
+    group: str
+    structure: str
+    inputs: tuple[str, str, str]   # R, C, L
+
+
+SHARED_STRUCTURES = ("shared-out", "tucker2", "cp", "tt")
+
+
+def lora_chain_input_names(module: str, group: str, structure: str) -> tuple[str, str, str]:
+    """Graph input names (R, C, L) of a chain branch; shared factors are named after the group, so they are ONE
+    input (and one adapter-file tensor) for all its modules. The one place these names are made."""
+    group = re.sub(r"[^\w.*+-]+", "_", group).strip("_")   # "model.layers.*.mlp.up_proj [576x64]"
+    right = f"lora.{group}.Vt" if structure in ("tucker2", "cp", "tt") else f"lora.{module}.A"
+    return right, f"lora.{module}.G", f"lora.{group}.U"
+
+
+def _group_from_meta(g: dict) -> LoraGroup:
+    return LoraGroup(g["name"], tuple(g["inputs"]), tuple(g["modules"]), int(g["d_in"]), tuple(g["d_out"]))
+
+
+def hotswap_layout(adapter: Adapter, spec=None) -> list[LoraGroup]:
+    """The LoRA groups an adapter file must fill. ``spec``: an export's edge_lora.json dict (exact), or module
+    names (the export's branches; grouped by :func:`lora_groups`, shapes taken from ``adapter``), or None (the
+    adapter's own modules)."""
+    if isinstance(spec, dict):
+        if "lora_groups" in spec:
+            return [_group_from_meta(g) for g in spec["lora_groups"]]
+        spec = spec.get("lora_inputs") or []
+    names = set(adapter.modules) if spec is None else set(spec)
+    layout = []
+    for modules in lora_groups(names):
+        present = [m for m in modules if m in adapter.modules]
+        if not present:
+            continue
+        if len(present) != len(modules):
+            raise CompatibilityError(
+                f"the export fuses {', '.join(modules)} into one LoRA branch, but the adapter has factors for "
+                f"{', '.join(present)} only, and a module name set does not say the other modules' sizes. Pass "
+                "the export's edge_lora.json (read_meta(folder)) as the layout instead of module names.")
+        mods = [adapter.modules[m] for m in modules]
+        d_in = {m.A.shape[1] for m in mods}
+        if len(d_in) != 1:
+            raise CompatibilityError(f"modules {modules} fuse into one branch but read inputs of different sizes "
+                                     f"{sorted(d_in)}; the adapter does not fit this base.")
+        layout.append(LoraGroup(lora_group_name(modules), lora_input_names(lora_group_name(modules)),
+                                tuple(modules), d_in.pop(), tuple(m.B.shape[0] for m in mods)))
+    return layout
+
+
+def group_ranks(adapter: Adapter, group: LoraGroup) -> list[int]:
+    """Each module's rank in the group's A/B (0 for a module the adapter does not target)."""
+    return [adapter.modules[m].rank if m in adapter.modules else 0 for m in group.modules]
+
+
+def _rank_layout(ranks: list[int]) -> dict:
+    return {"ranks": ranks, "rank_offsets": [int(o) for o in np.cumsum([0, *ranks])[:-1]]}
+
+
+def lora_input_arrays_for(adapter, lora_inputs=None) -> dict[str, np.ndarray]:
+    """Graph-layout float32 arrays per LoRA input name: what an adapter file holds (and what a quantizer of the
+    LoRA inputs starts from). ``adapter``: an Adapter or a CompressedAdapter; ``lora_inputs``: as ``spec`` of
+    :func:`hotswap_layout`. A group of A_cat = [A_1 | A_2 …] and block-diagonal B; groups whose modules all have
+    rank 0 are left out (the graph's rank-0 default applies)."""
+    from edge_lora.compressed import CompressedAdapter
+
+    arrays: dict[str, np.ndarray] = {}
+    if isinstance(adapter, CompressedAdapter):
+        arrays.update(_chain_arrays(adapter))
+        adapter = _plain_part(adapter)
+        if not adapter.modules:
+            return arrays
+    for group in hotswap_layout(adapter, lora_inputs):
+        ranks = group_ranks(adapter, group)
+        if sum(ranks) == 0:
+            continue
+        a_cat = np.zeros((group.d_in, sum(ranks)), np.float32)
+        b_bd = np.zeros((sum(ranks), sum(group.d_out)), np.float32)
+        r0, c0 = 0, 0
+        for m, r, d in zip(group.modules, ranks, group.d_out):
+            if r:
+                a, b = lora_input_arrays(adapter.modules[m])
+                if a.shape[0] != group.d_in or b.shape[1] != d:
+                    raise CompatibilityError(f"adapter module {m} is {b.shape[1]}×{a.shape[0]}, the export's "
+                                             f"branch expects {d}×{group.d_in}; the adapter is for another base.")
+                a_cat[:, r0:r0 + r], b_bd[r0:r0 + r, c0:c0 + d] = a, b
+            r0, c0 = r0 + r, c0 + d
+        arrays[group.inputs[0]], arrays[group.inputs[1]] = a_cat, b_bd
+    return arrays
+
+
+def _plain_part(compressed):
+    """The modules of a compressed adapter's per-module (svd) groups, as a plain Adapter."""
+    plain = compressed.to_adapter()
+    shared = {m for g in compressed.groups if g.structure in SHARED_STRUCTURES for m in g.modules}
+    plain.modules = {n: m for n, m in plain.modules.items() if n not in shared}
+    return plain
+
+
+def lora_chains(compressed) -> list[LoraChain]:
+    return [LoraChain(m, g.name, g.structure, lora_chain_input_names(m, g.name, g.structure))
+            for g in compressed.groups if g.structure in SHARED_STRUCTURES for m in g.modules]
+
+
+def _chain_arrays(compressed) -> dict[str, np.ndarray]:
+    """R, C, L per module (a shared one once). A group whose shared basis has rank 0 is left out (all its inputs
+    keep their rank-0 defaults); a module of rank 0 in a live group gets 1-wide zero R and C, since its C must
+    still have the group's r_u columns for the shared L."""
+    from edge_lora.compressed import module_chain
+
+    arrays = {}
+    for group in compressed.groups:
+        if group.structure not in SHARED_STRUCTURES or any(t.numel() == 0 for t in group.shared.values()):
+            continue
+        for m in group.modules:
+            chain = LoraChain(m, group.name, group.structure, lora_chain_input_names(m, group.name, group.structure))
+            left, core, right = module_chain(group, m)
+            for name, t in zip(chain.inputs, (right.T, core.T, left.T)):
+                a = t.float().numpy()
+                if a.size == 0:
+                    a = np.zeros([max(d, 1) for d in a.shape], np.float32)
+                arrays[name] = np.ascontiguousarray(a)
+    return arrays
+
+
+def write_ort_adapter(adapter, path: Path, modules=None, adapter_version: int = 1,
+                      model_version: int = 1) -> list[str]:
+    """Write ``adapter`` (Adapter or CompressedAdapter) as an ONNX Runtime adapter file for a hot-swap export.
+    ``modules``: the export's edge_lora.json dict (preferred: exact layout), or its module names, or None (the
+    adapter's own modules); see :func:`hotswap_layout`. Returns the parameter names.
+
+    The model-version field is not enforced by ORT; binding to the exact base is edge_lora.json's base_sha256.
+    """
+    import onnxruntime as ort
+
+    arrays = lora_input_arrays_for(adapter, modules)   # the OrtValues point into these: keep them alive
+    fmt = ort.AdapterFormat()
+    fmt.set_adapter_version(adapter_version)
+    fmt.set_model_version(model_version)
+    fmt.set_parameters({k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in arrays.items()})
+    fmt.export_adapter(str(path))
+    return sorted(arrays)
+
+
+# ------------------------------------------------------------------------------------------ hotswap graph
 class LoraBranch(torch.nn.Module):
     """``base(x) + (x·A)·B`` (``A[x]·B`` for an embedding), with A and B in graph layout (see lora_input_arrays)."""
 
-    def __init__(self, base: torch.nn.Module, kind: str, d_in: int, d_out: int, seed: int):
+    def __init__(self, base: torch.nn.Module, kind: str, d_in: int, d_out: int, seed: int, name: str = ""):
         super().__init__()
         gen = torch.Generator().manual_seed(seed)
         self.base = base
         self.kind = kind
+        self.input_names = lora_input_names(name)
+        self.rank_dim = rank_dim(name)
         # Tags: random, so every factor's bytes are unique and the graph pass can find it after export.
         self.lora_A = torch.nn.Parameter(torch.randn(d_in, TAG_RANK, generator=gen), requires_grad=False)
         self.lora_B = torch.nn.Parameter(torch.randn(TAG_RANK, d_out, generator=gen), requires_grad=False)
+
+    def tags(self):
+        return [(self.input_names[0], self.lora_A, [self.lora_A.shape[0], self.rank_dim]),
+                (self.input_names[1], self.lora_B, [self.rank_dim, self.lora_B.shape[1]])]
 
     def forward(self, x):
         if self.kind == "embedding":
             return self.base(x) + torch.nn.functional.embedding(x, self.lora_A) @ self.lora_B
         return self.base(x) + (x @ self.lora_A) @ self.lora_B
+
+
+class ChainBranch(torch.nn.Module):
+    """``base(x) + ((x·R)·C)·L``: a compressed adapter's module with factors shared across layers. ``shared``
+    holds the group's shared tags (one Parameter for all its modules, so the export has one initializer)."""
+
+    def __init__(self, base: torch.nn.Module, chain: LoraChain, d_in: int, d_out: int, seed: int,
+                 shared: dict[str, torch.nn.Parameter]):
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        self.base = base
+        self.chain = chain
+        r_name, _, l_name = chain.inputs
+
+        def tag(name, *shape):
+            if name not in shared:
+                shared[name] = torch.nn.Parameter(torch.randn(*shape, generator=gen), requires_grad=False)
+            return shared[name]
+
+        self.lora_R = tag(r_name, d_in, TAG_RANK)
+        self.lora_C = torch.nn.Parameter(torch.randn(TAG_RANK, TAG_RANK + 1, generator=gen), requires_grad=False)
+        self.lora_L = tag(l_name, TAG_RANK + 1, d_out)
+
+    def tags(self):
+        # the right factor's rank is shared by the group (tucker2/cp/tt: Vt) or the module's own (shared-out: A)
+        c = self.chain
+        r_in = rank_dim(f"{c.group}.v" if c.inputs[0].endswith(".Vt") else f"{c.module}.k")
+        r_out = rank_dim(f"{c.group}.u")
+        return [(c.inputs[0], self.lora_R, [self.lora_R.shape[0], r_in]),
+                (c.inputs[1], self.lora_C, [r_in, r_out]),
+                (c.inputs[2], self.lora_L, [r_out, self.lora_L.shape[1]])]
+
+    def forward(self, x):
+        return self.base(x) + ((x @ self.lora_R) @ self.lora_C) @ self.lora_L
 
 
 def hotswap_targets(adapter: Adapter | None, config: ExportConfig) -> list[str]:
@@ -209,9 +522,10 @@ def check_hotswappable(adapter: Adapter, base) -> None:
                                  "merged profile (cpu-fp32).")
 
 
-def wrap_for_hotswap(model, targets: list[str]) -> dict[str, LoraBranch]:
-    """Replace each target module by a LoraBranch around it, in place. Returns module name → branch."""
-    branches = {}
+def wrap_for_hotswap(model, targets: list[str], chains: dict[str, LoraChain] | None = None) -> dict:
+    """Replace each target module by a LoraBranch (or, for ``chains``, a ChainBranch) around it, in place.
+    Returns module name → branch."""
+    branches, shared = {}, {}
     for i, name in enumerate(targets):
         try:
             layer = model.get_submodule(name)
@@ -222,114 +536,76 @@ def wrap_for_hotswap(model, targets: list[str]) -> dict[str, LoraBranch]:
             raise CompatibilityError(f"hotswap target {name!r} is a {type(layer).__name__}; LoRA needs a Linear, "
                                      "Conv1D or Embedding.")
         kind, d_out, d_in = shape
-        branch = LoraBranch(layer, kind, d_in, d_out, seed=1000 + i)
+        if chains and name in chains:
+            if kind == "embedding":
+                raise CompatibilityError(f"{name}: an embedding in a shared-factor group cannot be hot-swapped; "
+                                         "compress it with structure svd (per module).")
+            branch = ChainBranch(layer, chains[name], d_in, d_out, seed=1000 + i, shared=shared)
+        else:
+            branch = LoraBranch(layer, kind, d_in, d_out, seed=1000 + i, name=name)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, branch)
         branches[name] = branch
     return branches
 
 
-def _digest(array: np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(array, dtype=np.float32).tobytes()).hexdigest()
+def _graph_pass(model, branches: dict, fuse: bool) -> dict:
+    """Lift the tags to inputs, then (``fuse``) pack projections and fuse the LoRA groups."""
+    lora_inputs = lift_lora_inputs(model, branches)
+    plain = {m: v for m, v in lora_inputs.items() if isinstance(branches[m], LoraBranch)}
+    fused = fuse_projections(model, plain) if fuse else {"groups": []}
+    groups = [LoraGroup(g["name"], tuple(g["inputs"]), tuple(g["modules"]), g["d_in"], tuple(g["d_out"]))
+              for g in fused["groups"]]
+    in_group = {m for g in groups for m in g.modules}
+    for m in sorted(set(plain) - in_group):
+        br = branches[m]
+        groups.append(LoraGroup(m, tuple(plain[m]), (m,), int(br.lora_A.shape[0]), (int(br.lora_B.shape[1]),)))
+    module_inputs = {m: list(v) for m, v in lora_inputs.items()}
+    for g in groups:
+        for m in g.modules:
+            module_inputs[m] = list(g.inputs)
+    return {"lora_inputs": dict(sorted(module_inputs.items())), "groups": sorted(groups, key=lambda g: g.name),
+            "fused": fused if fuse else None}
 
 
-def lift_lora_inputs(model_path: Path, branches: dict[str, LoraBranch]) -> dict[str, list[str]]:
-    """onnx_ir pass: tag initializers → graph inputs with rank-0 defaults. Returns module → [A name, B name].
-
-    A module whose factors are absent from the graph does not reach the exported outputs (e.g. BERT's pooler
-    in a feature-extraction export, pruned by the exporter); it is left out of the result."""
-    import onnx_ir as ir
-
-    wanted: dict[str, tuple[str, str, int, int]] = {}   # digest → (module, which, fixed dim, position)
-    for name, br in branches.items():
-        a_name, b_name = lora_input_names(name)
-        wanted[_digest(br.lora_A.detach().numpy())] = (name, a_name, br.lora_A.shape[0], 0)
-        wanted[_digest(br.lora_B.detach().numpy())] = (name, b_name, br.lora_B.shape[1], 1)
-    shapes = {(d, TAG_RANK) for _, _, d, pos in wanted.values() if pos == 0} | \
-             {(TAG_RANK, d) for _, _, d, pos in wanted.values() if pos == 1}
-
-    model = ir.load(model_path)
-    graph = model.graph
-    found: dict[str, list[str]] = {}
-    for value in list(graph.initializers.values()):
-        if value.const_value is None or tuple(value.shape or ()) not in shapes:
-            continue
-        hit = wanted.get(_digest(value.const_value.numpy()))
-        if hit is None:
-            continue
-        module, new_name, dim, pos = hit
-        value.name = new_name
-        dims = [dim, RANK_DIM] if pos == 0 else [RANK_DIM, dim]
-        empty = np.zeros((dim, 0) if pos == 0 else (0, dim), dtype=np.float32)
-        value.const_value = ir.tensor(empty, name=new_name)
-        value.shape = ir.Shape(dims)
-        value.type = ir.TensorType(ir.DataType.FLOAT)
-        graph.inputs.append(value)
-        found.setdefault(module, []).append(new_name)
-    half = sorted(m for m, v in found.items() if len(v) != 2)
-    if half:
-        raise ModelError(f"hotswap export: only one LoRA factor of {half[:3]} was found in the exported graph "
-                         "(the exporter folded or duplicated the other); this is a bug in edge_lora.")
-    # ir.load reads external data lazily, from the files we are about to replace: write into a side folder
-    # under the final names (the model refers to its data file by name), then move both into place.
-    data = model_path.with_name(model_path.name + "_data")
-    side = Path(tempfile.mkdtemp(prefix=".lift-", dir=model_path.parent))
-    try:
-        ir.save(model, side / model_path.name, external_data=data.name if data.exists() else None)
-        del model
-        for produced in side.iterdir():
-            os.replace(produced, model_path.parent / produced.name)
-    finally:
-        shutil.rmtree(side, ignore_errors=True)
-    return {m: sorted(v, key=lambda s: s[-1]) for m, v in sorted(found.items())}
-
-
-def write_ort_adapter(adapter: Adapter, path: Path, modules: set[str] | None = None, adapter_version: int = 1,
-                      model_version: int = 1) -> list[str]:
-    """Write ``adapter`` as an ONNX Runtime adapter file. Returns the parameter names.
-
-    The model-version field is not enforced by ORT; binding to the exact base is edge_lora.json's base_sha256.
-    """
-    import onnxruntime as ort
-
-    arrays = {}   # the OrtValues point into these arrays: keep them alive until the file is written
-    for name, module in adapter.modules.items():
-        if module.rank == 0 or (modules is not None and name not in modules):
-            continue
-        a_name, b_name = lora_input_names(name)
-        arrays[a_name], arrays[b_name] = lora_input_arrays(module)
-    fmt = ort.AdapterFormat()
-    fmt.set_adapter_version(adapter_version)
-    fmt.set_model_version(model_version)
-    fmt.set_parameters({k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in arrays.items()})
-    fmt.export_adapter(str(path))
-    return sorted(arrays)
-
-
-def export_hotswap(model, tokenizer, adapter: Adapter | None, out_dir: Path,
+def export_hotswap(model, tokenizer, adapter, out_dir: Path,
                    config: ExportConfig = ExportConfig(mode="hotswap"), meta: dict | None = None
                    ) -> tuple[dict, StageReport]:
     """Export the (unmerged) base with a LoRA branch per target module; write ``adapter`` (if any) beside it.
 
+    ``adapter``: an Adapter, a CompressedAdapter (modules of shared groups get a chain branch whose shared
+    factors are single graph inputs, unfused; per-module groups are plain LoRA), or None.
     ``model`` is modified in place (its target modules are wrapped); pass a model you do not need afterwards.
     """
+    from edge_lora.compressed import CompressedAdapter
+
     start = time.perf_counter()
-    if adapter is not None:
-        check_hotswappable(adapter, model)
-    targets = hotswap_targets(adapter, config)
+    compressed = adapter if isinstance(adapter, CompressedAdapter) else None
+    plain = compressed.to_adapter() if compressed is not None else adapter
+    if plain is not None:
+        check_hotswappable(plain, model)
+    targets = hotswap_targets(plain, config)
+    chains = {c.module: c for c in lora_chains(compressed)} if compressed is not None else {}
     task = resolve_task(model, config)
-    branches = wrap_for_hotswap(model, targets)
+    branches = wrap_for_hotswap(model, targets, chains)
     optimum_export(model, out_dir, task, config)
-    lora_inputs = lift_lora_inputs(out_dir / MODEL_FILE, branches)
+    graph = rewrite_model(out_dir / MODEL_FILE, lambda m: _graph_pass(m, branches, config.fuse_projections))
+    lora_inputs, groups = graph["lora_inputs"], graph["groups"]
     _save_side_files(model, tokenizer, out_dir)
+    layout = {"lora_inputs": lora_inputs, "lora_groups": [g.as_meta() for g in groups]}
     extra = {}
+    if chains:
+        extra["lora_chains"] = [{"module": c.module, "group": c.group, "structure": c.structure,
+                                 "inputs": list(c.inputs)} for c in chains.values() if c.module in lora_inputs]
     if adapter is not None:
-        params = write_ort_adapter(adapter, out_dir / ADAPTER_FILE, set(lora_inputs))
-        extra = {"adapter_file": ADAPTER_FILE, "adapter_parameters": len(params)}
-    info = write_meta(out_dir, {"mode": "hotswap", "task": task, "lora_inputs": lora_inputs, **extra,
-                                **(meta or {})})
+        params = write_ort_adapter(adapter, out_dir / ADAPTER_FILE, layout)
+        extra.update(adapter_file=ADAPTER_FILE, adapter_parameters=len(params),
+                     adapter_ranks={g.name: _rank_layout(group_ranks(plain, g)) for g in groups})
+    info = write_meta(out_dir, {"mode": "hotswap", "task": task, **layout, **extra,
+                                "fused_projections": _fuse_summary(graph["fused"]), **(meta or {})})
     report = _report(config, out_dir, info, start)
     report.metrics["lora_modules"] = len(lora_inputs)
+    report.metrics["lora_branches"] = len(groups) + len(extra.get("lora_chains", []))
     unused = sorted(set(branches) - set(lora_inputs))
     if unused:
         report.skipped.append(f"{len(unused)} adapted module(s) do not reach the exported outputs and have no "

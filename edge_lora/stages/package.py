@@ -55,7 +55,7 @@ def _ort_adapter_from_peft(src: Path, meta: dict) -> bytes:
 
     with tempfile.TemporaryDirectory(prefix="edge-lora-ort-") as tmp:
         path = Path(tmp) / ORT_ADAPTER_FILE
-        write_ort_adapter(load_peft(src), path, set(meta.get("lora_inputs") or []))
+        write_ort_adapter(load_peft(src), path, meta)   # the exact layout, fused groups included
         return path.read_bytes()
 
 
