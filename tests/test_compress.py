@@ -158,6 +158,100 @@ def test_cli_writes_everything(tmp_path, capsys):
     assert "group" in capsys.readouterr().err
 
 
+# ------------------------------------------------------------------------------------------ CLI: --bits
+def _dequantized_output(kind, quantized_file):
+    """The base plus each module's dequantized B·A added by hand: what the quantized file stands for."""
+    from edge_lora.models import tiny_model
+    from edge_lora.stages.quantize_factors import load_quantized
+
+    model = tiny_model(kind, seed=0)
+    with torch.no_grad():
+        for name, qm in load_quantized(quantized_file).modules.items():
+            m = qm.dequantize()
+            layer = model.get_submodule(name)
+            layer.weight += (m.scale * m.B.double() @ m.A.double()).to(layer.weight.dtype)
+    return model_output(model)
+
+
+@pytest.mark.parametrize("bits,structure", [("4", "svd"), ("mixed:3.0", "tucker2"), ("2", "shared-out")])
+def test_cli_bits_peft_scores_exactly_the_quantized_file(tmp_path, capsys, bits, structure):
+    from peft import PeftModel
+
+    from edge_lora.cli import main
+    from edge_lora.models import tiny_model
+
+    kind, kwargs = ADAPTER_TABLE["llama-all7"]
+    make_peft_adapter(kind, kwargs, tmp_path / "orig")
+    rc = main(["compress", str(tmp_path / "orig"), "--out", str(tmp_path / "out"), "--budget", "0.3",
+               "--structure", structure, "--bits", bits, "--group-size", "16", "--as-peft", str(tmp_path / "peft"),
+               "--json"])
+    assert rc == 0
+    q = json.loads(capsys.readouterr().out)["metrics"]["quantize"]["metrics"]
+    assert (tmp_path / "out" / "quantized.safetensors").stat().st_size == q["file_bytes"]
+    assert q["fp16_peft_bytes"] == load_peft(tmp_path / "orig").params * 2
+    assert q["size_ratio_vs_fp16_peft"] > 1 and 0 < q["rel_error_vs_original_weighted"] < 1
+    if structure != "svd":
+        assert "expansion was canonicalized" in (tmp_path / "out" / "report.md").read_text()
+    peft_model = PeftModel.from_pretrained(tiny_model(kind, seed=0), str(tmp_path / "peft")).eval()
+    expected = _dequantized_output(kind, tmp_path / "out" / "quantized.safetensors")
+    torch.testing.assert_close(model_output(peft_model), expected, rtol=1e-5, atol=1e-5)
+    # and the quantization did something: the unquantized expansion gives other outputs
+    unquantized = _merged_output(tiny_model(kind, seed=0), CompressedAdapter.load(tmp_path / "out"))
+    assert not torch.allclose(expected, unquantized, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bits", ["5", "16", "int4", "mixed:abc", "mixed:", "mixed:-1", "mixed:nan"])
+def test_cli_unsupported_bits_exit_2_before_any_work(tmp_path, capsys, bits):
+    from edge_lora.cli import main
+
+    kind, kwargs = ADAPTER_TABLE["llama-all7"]
+    make_peft_adapter(kind, kwargs, tmp_path / "orig")
+    rc = main(["compress", str(tmp_path / "orig"), "--out", str(tmp_path / "out"), "--bits", bits])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert f"--bits {bits}" in err and ("8, 4, 3, 2" in err or "e.g. mixed:3.0" in err)
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_bit_budget_below_minimum_names_a_minimum_that_works(tmp_path, capsys):
+    import re
+
+    from edge_lora.cli import main
+
+    kind, kwargs = ADAPTER_TABLE["llama-all7"]
+    make_peft_adapter(kind, kwargs, tmp_path / "orig")
+    args = ["compress", str(tmp_path / "orig"), "--out", str(tmp_path / "out"), "--budget", "0"]
+    assert main(args + ["--bits", "mixed:0.05"]) == 2
+    err = capsys.readouterr().err
+    minimum = re.search(r"the minimum for this adapter is ([0-9.]+) bits/param", err)
+    assert minimum, err
+    assert main(args + ["--bits", f"mixed:{minimum.group(1)}"]) == 0
+
+
+@pytest.mark.parametrize("group_size,rc,text", [
+    (24, 0, "last group of each such row is shorter and keeps its own fp16 scale"),  # d = 64 = 2·24 + 16
+    (4, 2, "group_size=4 must be an integer ≥ 8"),
+])
+def test_cli_group_size(tmp_path, capsys, group_size, rc, text):
+    from edge_lora.cli import main
+
+    kind, kwargs = ADAPTER_TABLE["llama-all7"]
+    make_peft_adapter(kind, kwargs, tmp_path / "orig")
+    assert main(["compress", str(tmp_path / "orig"), "--out", str(tmp_path / "out"), "--bits", "4",
+                 "--group-size", str(group_size)]) == rc
+    captured = capsys.readouterr()
+    assert text in (captured.out if rc == 0 else captured.err)
+
+
+def test_cli_group_size_without_bits_is_refused(tmp_path, capsys):
+    from edge_lora.cli import main
+
+    kind, kwargs = ADAPTER_TABLE["llama-all7"]
+    make_peft_adapter(kind, kwargs, tmp_path / "orig")
+    assert main(["compress", str(tmp_path / "orig"), "--out", str(tmp_path / "out"), "--asymmetric"]) == 2
+    assert "add --bits" in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------------------------------ bad inputs
 def test_unmeetable_budget_names_group_and_best():
     ad = planted()

@@ -13,8 +13,18 @@ from hypothesis import strategies as st
 from edge_lora.adapter import Adapter, LoraModule
 from edge_lora.errors import AdapterError, BudgetError
 from edge_lora.stages.canonicalize import canonicalize, relative_error
-from edge_lora.stages.quantize_factors import (FactorQuantConfig, QuantizeError, load_quantized, pack_codes,
-                                               quantize_factors, quantize_rows, save_quantized, unpack_codes)
+from edge_lora.stages.quantize_factors import (
+    BitBudgetError,
+    FactorQuantConfig,
+    QuantizeError,
+    load_quantized,
+    pack_codes,
+    parse_bits,
+    quantize_factors,
+    quantize_rows,
+    save_quantized,
+    unpack_codes,
+)
 
 
 def steep_adapter(layers=3, d_out=96, d_in=80, r=8, seed=0) -> Adapter:
@@ -94,6 +104,7 @@ def test_file_roundtrip_gives_identical_dequantized_factors(tmp_path):
 
 def test_real_peft_adapter_via_canonical_form(tmp_path):
     from conftest import ADAPTER_TABLE, make_peft_adapter
+
     from edge_lora.adapter import load_peft
 
     kind, kwargs = ADAPTER_TABLE["llama-all7"]
@@ -119,8 +130,51 @@ def test_bad_settings(cfg, match):
 
 
 def test_bit_budget_below_minimum():
-    with pytest.raises(BudgetError, match="minimum is"):
+    import re
+
+    with pytest.raises(BitBudgetError, match="minimum for this adapter is") as err:
         quantize_factors(steep_adapter(), FactorQuantConfig(bits=None, mixed_avg_bits=0.1, group_size=16))
+    assert isinstance(err.value, BudgetError) and err.value.exit_code == 2   # a setting, known before any work
+    minimum = float(re.search(r"is ([0-9.]+) bits/param", str(err.value)).group(1))
+    q, _ = quantize_factors(steep_adapter(), FactorQuantConfig(bits=None, mixed_avg_bits=minimum, group_size=16))
+    assert 0 < q.bits_per_param() <= minimum
+
+
+@pytest.mark.parametrize("text,expected", [("8", dict(bits=8, mixed_avg_bits=None)),
+                                           ("2", dict(bits=2, mixed_avg_bits=None)),
+                                           ("mixed:2.5", dict(bits=None, mixed_avg_bits=2.5)),
+                                           ("MIXED:3", dict(bits=None, mixed_avg_bits=3.0))])
+def test_parse_bits(text, expected):
+    assert parse_bits(text) == expected
+
+
+@pytest.mark.parametrize("text", ["5", "1", "16", "4.0", "int4", "", "mixed:abc", "mixed:", "mixed:0", "mixed:inf"])
+def test_parse_bits_refuses(text):
+    with pytest.raises(QuantizeError, match="not supported|positive number"):
+        parse_bits(text)
+
+
+def test_group_size_not_dividing_d_is_reported_and_sized_honestly(tmp_path):
+    adapter = steep_adapter(d_out=96, d_in=80)          # 96 = 3·32, 80 = 2·32 + 16
+    q, report = quantize_factors(adapter, FactorQuantConfig(bits=4, group_size=32))
+    assert "d=80 ends with a group of 16" in report.metrics["short_last_group"]
+    assert "d=96" not in report.metrics["short_last_group"]
+    m = next(iter(q.modules.values()))
+    assert m.A_rows.scales.shape == (8, 3) and m.B_rows.scales.shape == (8, 3)   # the short group has a scale
+    _, aligned = quantize_factors(adapter, FactorQuantConfig(bits=4, group_size=16))
+    assert "short_last_group" not in aligned.metrics
+
+
+def test_file_overhead_is_small():
+    """The flat layout: a 40-module file is its payload plus a JSON header, not 100 bytes per tensor per module."""
+    import tempfile
+    from pathlib import Path
+
+    adapter = steep_adapter(layers=40)
+    q, _ = quantize_factors(adapter, FactorQuantConfig(bits=None, mixed_avg_bits=2.5, group_size=16))
+    with tempfile.TemporaryDirectory() as tmp:
+        size = save_quantized(q, Path(tmp) / "q.safetensors").stat().st_size
+    assert q.payload_bits() / 8 <= size <= q.payload_bits() / 8 + 80 * len(q.modules) + 2048
 
 
 def test_corrupt_file(tmp_path):

@@ -1,24 +1,34 @@
-"""Factor quantization on the trained demo adapter: honest bits per parameter against task retention and KL.
+"""Factor quantization on the trained demo adapters: the smallest (truncation + quantization) point that keeps the task.
 
-    python tools/bench_quantize.py            # writes the "## Factor quantization" section of BENCHMARKS.md
+    python tools/bench_quantize.py                     # grid on date-iso-r16 and date-iso-patterns, writes BENCHMARKS.md
+    python tools/bench_quantize.py --examples 100 --budgets 0.2,0.4 --mixed 2.5,3.0 --no-write
 
-Each point quantizes the canonical (balanced) factors of date-iso-r16, alone or after `compress` (svd
-truncation), then scores base + dequantized adapter exactly as tools/bench_compress.py scores compression:
-exact match on held-out dates (greedy, PyTorch) and mean KL against base + original adapter. Size ratio =
-fp16 PEFT adapter bytes / quantized payload bytes (codes, fp16 scales, zero points and per-row widths).
-Base-model quantization (int8 / int4 ONNX) is not here yet.
+Each point truncates the adapter with `compress` (per-module svd at a relative Frobenius budget; none = no
+truncation), canonicalizes the per-module expansion and quantizes its balanced factors with mixed precision at an
+average bit budget, then scores base + dequantized adapter exactly as tools/bench_compress.py scores compression:
+exact match (EM) on held-out dates (greedy, PyTorch) and mean KL against base + original adapter.
+Retention = (EM_candidate − EM_base) / (EM_adapter − EM_base). Size ratio = fp16 PEFT adapter bytes (2 bytes per
+original parameter) / quantized payload bytes (codes, fp16 scales, zero points, per-row widths); the file ratio
+uses the real save_quantized file (safetensors header and JSON metadata included).
+
+The script is modular so other parts (base-model quantization) can add their own tables: ``load_scorer`` loads the
+base model and the held-out sets once, ``factor_table`` runs one adapter's grid, ``factor_markdown`` renders it.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from bench_compress import deltas_of, env_line, kl_texts, logprobs, mean_kl, merged_state  # noqa: E402
 from benchmarks_md import write_section  # noqa: E402
@@ -26,101 +36,399 @@ from benchmarks_md import write_section  # noqa: E402
 from edge_lora.adapter import load_peft  # noqa: E402
 from edge_lora.stages.canonicalize import canonicalize  # noqa: E402
 from edge_lora.stages.compress import CompressConfig, compress  # noqa: E402
-from edge_lora.stages.quantize_factors import FactorQuantConfig, quantize_factors  # noqa: E402
+from edge_lora.stages.quantize_factors import FactorQuantConfig, quantize_factors, save_quantized  # noqa: E402
 
-# (label, svd budget or None, FactorQuantConfig kwargs)
-POINTS = [
-    ("int8", None, dict(bits=8)),
-    ("int4", None, dict(bits=4)),
-    ("int3", None, dict(bits=3)),
-    ("int2", None, dict(bits=2)),
-    ("int2 asym", None, dict(bits=2, symmetric=False)),
-    ("mixed 3.0", None, dict(bits=None, mixed_avg_bits=3.0)),
-    ("mixed 2.0", None, dict(bits=None, mixed_avg_bits=2.0)),
-    ("svd@0.2 + int4", 0.2, dict(bits=4)),
-    ("svd@0.2 + mixed 3.0", 0.2, dict(bits=None, mixed_avg_bits=3.0)),
-    ("svd@0.4 + mixed 3.0", 0.4, dict(bits=None, mixed_avg_bits=3.0)),
-]
+ADAPTERS = ("date-iso-r16", "date-iso-patterns")
+BUDGETS = (0.2, 0.3, 0.4)
+MIXED = (2.0, 2.5, 3.0)
+RETENTION_GOAL = 0.99
+RATIO_GOAL = 16.0
+
+
+@dataclass
+class Scorer:
+    """The base model and the held-out sets, loaded once and shared by every adapter and point."""
+
+    model: object
+    tokenizer: object
+    base_state: dict
+    examples: list
+    texts: list
+    batch: int
+    em_base: float
+
+    def em(self, state) -> float:
+        from edge_lora import eval as task
+
+        self.model.load_state_dict(state)
+        gen = lambda prompts: task.torch_greedy_generate(self.model, self.tokenizer, prompts,  # noqa: E731
+                                                         max_new_tokens=12)
+        return task.score(gen, self.examples, batch_size=self.batch)["exact_match"]
+
+    def logprobs(self, state):
+        self.model.load_state_dict(state)
+        return logprobs(self.model, self.tokenizer, self.texts)
+
+
+def load_scorer(examples: int = 200, kl_examples: int = 24, batch: int = 50) -> Scorer:
+    from edge_lora import eval as task
+    from edge_lora.models import load_base
+
+    model, tok = load_base("smollm2")
+    base_state = {k: v.clone() for k, v in model.state_dict().items()}
+    s = Scorer(model=model, tokenizer=tok, base_state=base_state,
+               examples=task.make_examples(examples, seed=0, split="test"),
+               texts=kl_texts(task.make_examples(kl_examples, seed=1, split="test")), batch=batch, em_base=0.0)
+    s.em_base = s.em(base_state)
+    return s
+
+
+def adapter_folder(name: str) -> Path:
+    from edge_lora.models import cache_dir
+
+    return Path(name) if Path(name).is_dir() else cache_dir() / "adapters" / name
+
+
+def factor_table(scorer: Scorer, adapter_name: str, budgets=BUDGETS, mixed=MIXED, group_size: int = 64) -> dict:
+    """Score every (svd budget, mixed bits) point of one adapter. Returns {adapter, params, em_ref, rows}."""
+    folder = adapter_folder(adapter_name)
+    adapter = load_peft(folder)
+    fp16_bytes = adapter.params * 2
+    ref_state = merged_state(scorer.base_state, deltas_of(adapter))
+    ref_lp = scorer.logprobs(ref_state)
+    em_ref = scorer.em(ref_state)
+    print(f"{folder.name}: base EM {scorer.em_base:.3f}, adapter EM {em_ref:.3f}", flush=True)
+    rows = []
+    for budget in budgets:
+        if budget is None:
+            source, _ = canonicalize(adapter)
+        else:
+            # quantize_factors takes per-module factors: the svd result's expansion is exactly its B·A per module.
+            result, _ = compress(adapter, CompressConfig(budget=budget, structure="svd"))
+            source, _ = canonicalize(result.to_adapter())
+        for avg in mixed:
+            t = time.perf_counter()
+            q, report = quantize_factors(source, FactorQuantConfig(bits=None, mixed_avg_bits=avg,
+                                                                   group_size=group_size))
+            with tempfile.TemporaryDirectory() as tmp:
+                file_bytes = save_quantized(q, Path(tmp) / "q.safetensors").stat().st_size
+            state = merged_state(scorer.base_state, deltas_of(q.dequantize(source)))
+            kl = mean_kl(ref_lp, scorer.logprobs(state))
+            e = scorer.em(state)
+            payload = q.payload_bits() / 8
+            label = (f"svd@{budget} + " if budget is not None else "") + f"mixed {avg}"
+            rows.append(dict(label=label, budget=budget, mixed=avg, bits=payload * 8 / adapter.params,
+                             ratio=fp16_bytes / payload, file_ratio=fp16_bytes / file_bytes, em=e,
+                             retention=(e - scorer.em_base) / (em_ref - scorer.em_base) if em_ref != scorer.em_base
+                             else float("nan"),
+                             kl=kl, rel=report.metrics["rel_error_weighted"], secs=time.perf_counter() - t))
+            print(f"  {rows[-1]}", flush=True)
+    return dict(adapter=folder.name, params=adapter.params, fp16_bytes=fp16_bytes, em_ref=em_ref, rows=rows)
+
+
+def best_row(rows: list[dict]) -> dict | None:
+    keep = [r for r in rows if r["retention"] >= RETENTION_GOAL]
+    return max(keep, key=lambda r: r["ratio"]) if keep else None
+
+
+def factor_markdown(tables: list[dict], scorer: Scorer, group_size: int, env: str, command: str) -> str:
+    lines = [
+        (f"`{command}` on SmolLM2-135M-Instruct. Each point: per-module svd truncation at a relative Frobenius "
+        f"budget (`compress --structure svd --budget B`), then mixed-precision quantization of the balanced "
+        f"canonical factors at an average bit budget (groups of {group_size} along d, symmetric, fp16 scales). "
+        f"Bits/param = quantized payload bits (codes + scales + per-row widths) / the ORIGINAL adapter's "
+        f"parameters; size ratios are against the fp16 PEFT adapter (2 bytes per parameter): payload, and the "
+        f"real quantized file (safetensors + JSON header). EM on {len(scorer.examples)} held-out dates (base "
+        f"{scorer.em_base:.3f}); retention = (EM − base) / (adapter EM − base); KL = mean KL(reference ‖ "
+        f"candidate) of next-token distributions over {len(scorer.texts)} held-out texts. {env}; the machine was "
+        f"shared (these are accuracy numbers, not timings)."), "",
+    ]
+    for t in tables:
+        lines += [(f"**{t['adapter']}** ({t['params']:,} params, {t['fp16_bytes'] / 1024:.0f} KiB as fp16; adapter "
+                  f"EM {t['em_ref']:.3f})"), "",
+                  ("| point | bits/param | payload vs fp16 PEFT | file vs fp16 PEFT | weighted rel. error | EM | "
+                  "retention | mean KL |"),
+                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        best = best_row(t["rows"])
+        for r in t["rows"]:
+            mark = " ◀ best" if r is best else ""
+            lines.append(f"| {r['label']}{mark} | {r['bits']:.2f} | {r['ratio']:.1f}× | {r['file_ratio']:.1f}× | "
+                         f"{r['rel']:.3f} | {r['em']:.3f} | {r['retention']:.3f} | {r['kl']:.4f} |")
+        if best:
+            lines += ["", (f"Smallest point with ≥{RETENTION_GOAL:.0%} retention: **{best['label']}**, "
+                          f"{best['ratio']:.1f}× smaller than the fp16 PEFT adapter ({best['bits']:.2f} bits/param, "
+                          f"KL {best['kl']:.4f}); goal ≥{RATIO_GOAL:.0f}×: "
+                          f"{'met' if best['ratio'] >= RATIO_GOAL else 'missed'}."), ""]
+        else:
+            lines += ["", f"No point keeps ≥{RETENTION_GOAL:.0%} retention.", ""]
+    lines.append(f"Resolution: one held-out example is {1 / len(scorer.examples):.1%} of EM, so retentions a "
+                 "single example apart are within noise of each other; KL separates them better.")
+    # One setting for every adapter: the smallest worst-case ratio among settings that hold on all of them.
+    if len(tables) > 1:
+        settings = {}
+        for t in tables:
+            for r in t["rows"]:
+                settings.setdefault((r["budget"], r["mixed"]), []).append(r)
+        common = [rs for rs in settings.values() if len(rs) == len(tables)
+                  and all(r["retention"] >= RETENTION_GOAL for r in rs)]
+        if common:
+            rs = max(common, key=lambda rs: min(r["ratio"] for r in rs))
+            ratios = " and ".join(f"{r['ratio']:.1f}×" for r in rs)
+            lines.append(f"One setting for both adapters: **{rs[0]['label']}** keeps ≥{RETENTION_GOAL:.0%} on each, "
+                         f"at {ratios} (worst KL {max(r['kl'] for r in rs):.4f}).")
+    return "\n".join(lines).rstrip()
+
+
+# ---------------------------------------------------------------------------------------------- hot-swap layout
+DQ_SUFFIXES = (".dequantize", ".lo", ".hi", ".unpack", ".slice", ".scales_shape", ".zero_point")
+
+
+def _tiny_adapter(work: Path):
+    """A tiny llama and a rank-8 adapter on all 7 module types (PEFT, random non-zero factors)."""
+    from peft import LoraConfig, get_peft_model
+
+    from edge_lora.models import tiny_model
+
+    peft_model = get_peft_model(tiny_model("llama"), LoraConfig(
+        r=8, lora_alpha=8, init_lora_weights=False,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn_like(p) * 0.03)
+    peft_model.save_pretrained(str(work / "tiny-adapter"))
+    return load_peft(work / "tiny-adapter")
+
+
+def _decode_ms(session, run_options, prompt, n_tokens: int) -> list[float]:
+    from edge_lora.runtimes.ort_generate import OrtCausalLM
+    from edge_lora.runtimes.ort_session import empty_past
+
+    lm = OrtCausalLM(session, None, run_options)
+    mask = np.ones_like(prompt)
+    logits, past = lm.step(prompt, mask, empty_past(session, 1))
+    times = []
+    for _ in range(n_tokens):
+        ids = logits.argmax(-1)[:, None].astype(np.int64)
+        mask = np.concatenate([mask, np.ones_like(mask[:, :1])], axis=-1)
+        t = time.perf_counter()
+        logits, past = lm.step(ids, mask, past)
+        times.append((time.perf_counter() - t) * 1e3)
+    return times
+
+
+def _interleaved_steps(variants: dict, prompt, rounds: int, tokens: int) -> dict[str, list[float]]:
+    """Per-round median ms/token, the variants' decode steps interleaved one token at a time (each keeps its own
+    KV cache; the order rotates every step), so load from other processes hits every variant alike."""
+    import statistics
+
+    from edge_lora.runtimes.ort_generate import OrtCausalLM
+    from edge_lora.runtimes.ort_session import empty_past
+
+    names = list(variants)
+    out = {k: [] for k in names}
+    for _ in range(rounds):
+        state, times = {}, {k: [] for k in names}
+        for k, (sess, opts) in variants.items():
+            lm = OrtCausalLM(sess, None, opts)
+            mask = np.ones_like(prompt)
+            logits, past = lm.step(prompt, mask, empty_past(sess, 1))
+            state[k] = [lm, logits, past, mask]
+        for t in range(tokens):
+            for k in names[t % len(names):] + names[:t % len(names)]:
+                lm, logits, past, mask = state[k]
+                ids = logits.argmax(-1)[:, None].astype(np.int64)
+                mask = np.concatenate([mask, np.ones_like(mask[:, :1])], axis=-1)
+                start = time.perf_counter()
+                logits, past = lm.step(ids, mask, past)
+                times[k].append((time.perf_counter() - start) * 1e3)
+                state[k] = [lm, logits, past, mask]
+        for k in names:
+            out[k].append(statistics.median(times[k]))
+    return out
+
+
+def _dq_share(folder: Path, adapter_file: Path, threads: int, prompt, n_tokens: int) -> tuple[float, float]:
+    """ORT profiler over n decode steps: (kernel ms per step, of it in the dequantize/unpack nodes)."""
+    import json as _json
+
+    import onnxruntime as ort
+
+    from edge_lora.runtimes.hotswap import HotswapSession
+    from edge_lora.runtimes.ort_session import session_options
+
+    opts = session_options(threads)
+    opts.enable_profiling = True
+    opts.profile_file_prefix = str(folder / "profile")
+    hot = HotswapSession(folder, session=ort.InferenceSession(str(folder / "model.onnx"), opts,
+                                                               providers=["CPUExecutionProvider"]))
+    hot.load_adapter("a", adapter_file, check=False)
+    _decode_ms(hot.session, hot.run_options("a"), prompt, n_tokens)
+    events = _json.loads(Path(hot.session.end_profiling()).read_text())
+    # Only the decode steps after the first one: the prompt step and the first run carry one-off allocations.
+    runs = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e.get("name") == "model_run")[2:]
+    kernels = [e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")
+               and any(a <= e["ts"] <= b for a, b in runs)]
+    total = sum(e["dur"] for e in kernels) / 1e3
+    dq = sum(e["dur"] for e in kernels if e["name"][:-len("_kernel_time")].endswith(DQ_SUFFIXES)) / 1e3
+    return total / max(len(runs), 1), dq / max(len(runs), 1)
+
+
+def hotswap_table(base: str, adapter_name: str | None, work: Path, threads: int = 2, rounds: int = 6,
+                  tokens: int = 24, group_size: int = 64) -> dict:
+    """Decode ms/token of a hot-swap export with float LoRA inputs vs int8 / int4 codes + DequantizeLinear, each
+    with no adapter and with the adapter active, interleaved; adapter file sizes; output agreement."""
+    import shutil
+    import statistics
+
+    from edge_lora.models import load_base, tiny_model
+    from edge_lora.profiles import ExportConfig
+    from edge_lora.runtimes.hotswap import HotswapSession
+    from edge_lora.runtimes.ort_session import full_feeds, probe_ids
+    from edge_lora.stages.export_onnx import ADAPTER_FILE, export_hotswap, read_meta
+    from edge_lora.stages.hotswap_quant import (
+        HotswapQuantConfig,
+        quantize_hotswap_folder,
+        write_quantized_ort_adapter,
+    )
+
+    reuse = (work / "float" / "model.onnx").is_file() and (work / "float" / ADAPTER_FILE).is_file()
+    if not reuse:   # an earlier run's exports in --work are reused (the export is most of the time)
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+    if base == "tiny":
+        adapter, model, tok, vocab = _tiny_adapter(work), tiny_model("llama"), None, 128
+    else:
+        adapter = load_peft(adapter_folder(adapter_name))
+        model, tok = load_base(base)
+        vocab = model.config.vocab_size
+    if not reuse:
+        (work / "float").mkdir()
+        export_hotswap(model, tok, adapter, work / "float", config=ExportConfig(mode="hotswap"))
+    del model
+    folders = {"float": work / "float"}
+    files = {"float": work / "float" / ADAPTER_FILE}
+    reports = {}
+    for bits in (8, 4):
+        cfg = HotswapQuantConfig(bits=bits, group_size=group_size)
+        folders[f"int{bits}"] = work / f"int{bits}"
+        shutil.rmtree(folders[f"int{bits}"], ignore_errors=True)
+        quantize_hotswap_folder(work / "float", folders[f"int{bits}"], cfg)
+        files[f"int{bits}"] = folders[f"int{bits}"] / "adapter.q"
+        reports[f"int{bits}"] = write_quantized_ort_adapter(adapter, files[f"int{bits}"], cfg,
+                                                            read_meta(folders[f"int{bits}"])).metrics
+    sessions = {k: HotswapSession(f, threads=threads) for k, f in folders.items()}
+    for k, s in sessions.items():
+        s.load_adapter("a", files[k])
+    ids = probe_ids(min(vocab, 1000), 64, seed=3)
+    logits = {(k, a): s.session.run(None, full_feeds(s.session, ids), s.run_options(a))[0]
+              for k, s in sessions.items() for a in (None, "a")}
+    ref, plain = logits["float", "a"], logits["float", None]
+    agreement = {k: {"no_adapter_max_abs_vs_float": float(np.abs(logits[k, None] - plain).max()),
+                     "rel_error_vs_float_adapter": float(np.linalg.norm(logits[k, "a"] - ref)
+                                                         / max(np.linalg.norm(ref - plain), 1e-30)),
+                     "top1_vs_float_adapter": float((logits[k, "a"].argmax(-1) == ref.argmax(-1)).mean())}
+                 for k in sessions}
+    variants = {f"{k}, {'adapter' if a else 'no adapter'}": (s.session, s.run_options(a))
+                for k, s in sessions.items() for a in (None, "a")}
+    prompt = (np.arange(32, dtype=np.int64)[None, :] * 7 + 100) % vocab
+    for sess, opts in variants.values():
+        _decode_ms(sess, opts, prompt, 4)
+    per_round = _interleaved_steps(variants, prompt, rounds, tokens)
+    timing = {k: {"median_ms": statistics.median(v), "min_ms": min(v), "max_ms": max(v)} for k, v in per_round.items()}
+    for t in timing.values():
+        t["vs_float_no_adapter"] = t["median_ms"] / timing["float, no adapter"]["median_ms"] - 1
+    # The profiler's per-node bookkeeping swamps a tiny model's microsecond kernels (24 ms/step profiled vs 0.3 ms
+    # not): only a real model's kernel shares mean anything.
+    profile = {k: _dq_share(folders[k], files[k], threads, prompt, 16) for k in folders} if base != "tiny" else {}
+    sizes = {k: f.stat().st_size for k, f in files.items()}
+    return {"base": base, "adapter": adapter_name or "tiny random r8", "threads": threads, "rounds": rounds,
+            "tokens": tokens, "group_size": group_size, "timing": timing, "profile": profile, "sizes": sizes,
+            "agreement": agreement, "reports": reports, "load": os.getloadavg()[0]}
+
+
+def hotswap_markdown(results: list[dict], env: str) -> str:
+    import onnxruntime as ort
+
+    lines = [(f"Hot-swap graphs whose LoRA inputs are int8 or int4 codes + fp32 per-block scales feeding an opset-21 "
+             f"blocked DequantizeLinear (`edge_lora/stages/hotswap_quant.py`; int4 travels nibble-packed in uint8, "
+             f"since ORT's adapter format refuses int4 tensors, and is unpacked in the graph), against the float "
+             f"LoRA inputs. Decode, batch 1, 32-token prompt then N tokens with the KV cache, ONNX Runtime "
+             f"{ort.__version__} CPUExecutionProvider, fp32 base; the variants' decode steps interleaved one token "
+             f"at a time (each with its own KV cache, order rotating every step); median over rounds of the "
+             f"per-round median ms/token. {env}; the machine was shared by several processes, so absolute "
+             f"ms are noisy; compare within a table.")]
+    for r in results:
+        lines += ["", (f"**{r['base']}**, adapter {r['adapter']}, {r['threads']} threads, {r['rounds']} rounds × "
+                      f"{r['tokens']} tokens, groups of {r['group_size']} (load average {r['load']:.1f} at the end):"), "",
+                  "| variant | ms/token | min | max | vs float no adapter | kernel ms/step (profiler) | in dequantize/unpack |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
+        for k, t in r["timing"].items():
+            layout, _, which = k.partition(", ")
+            prof = r["profile"].get(layout) if which == "adapter" else None
+            lines.append(f"| {k} | {t['median_ms']:.2f} | {t['min_ms']:.2f} | {t['max_ms']:.2f} | "
+                         f"{t['vs_float_no_adapter'] * 100:+.1f}% | "
+                         + (f"{prof[0]:.2f} | {prof[1]:.2f} ({prof[1] / max(prof[0], 1e-9) * 100:.1f}%) |" if prof
+                            else "– | – |"))
+        lines += ["", ("| adapter file | bytes | vs float | output rel. error vs float adapter | top-1 agreement | "
+                      "no-adapter max abs vs float graph |"), "|---|---:|---:|---:|---:|---:|"]
+        for k, size in r["sizes"].items():
+            a = r["agreement"][k]
+            lines.append(f"| {k} | {size:,} | {size / r['sizes']['float']:.3f} | {a['rel_error_vs_float_adapter']:.4f} | "
+                         f"{a['top1_vs_float_adapter']:.3f} | {a['no_adapter_max_abs_vs_float']:.2g} |")
+    return "\n".join(lines)
+
+
+def _floats(text: str) -> tuple:
+    return tuple(None if v.strip() == "none" else float(v) for v in text.split(","))
 
 
 def main(argv=None) -> int:
-    from edge_lora import eval as task
-    from edge_lora.models import cache_dir, load_base
-
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--adapter", default="date-iso-r16")
-    ap.add_argument("--n", type=int, default=200, help="held-out examples for exact match")
+    ap.add_argument("--adapters", default=",".join(ADAPTERS), help="comma-separated names in the cache or folders")
+    ap.add_argument("--budgets", default=",".join(map(str, BUDGETS)),
+                    help="svd truncation budgets, comma-separated ('none' = no truncation)")
+    ap.add_argument("--mixed", default=",".join(map(str, MIXED)), help="mixed-precision average bits, comma-separated")
+    ap.add_argument("--examples", "--n", type=int, default=200, dest="examples",
+                    help="held-out examples for exact match")
     ap.add_argument("--kl-examples", type=int, default=24)
     ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--batch", type=int, default=50)
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--hotswap", metavar="BASES", default=None,
+                    help="instead of the factor grid: decode timing of float vs int8/int4 hot-swap LoRA inputs on "
+                         "these bases (comma-separated: tiny, smollm2); smollm2 uses the first of --adapters")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="ORT intra-op threads for --hotswap (1: least sensitive to other processes on shared cores)")
+    ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--tokens", type=int, default=24)
+    ap.add_argument("--work", default=None, help="folder for the hot-swap exports (default: a temporary one)")
     args = ap.parse_args(argv)
 
     torch.set_num_threads(2)
     env = env_line()
-    model, tok = load_base("smollm2")
-    base_state = {k: v.clone() for k, v in model.state_dict().items()}
-    examples = task.make_examples(args.n, seed=0, split="test")
-    texts = kl_texts(task.make_examples(args.kl_examples, seed=1, split="test"))
-
-    def em(state) -> float:
-        model.load_state_dict(state)
-        gen = lambda prompts: task.torch_greedy_generate(model, tok, prompts, max_new_tokens=12)  # noqa: E731
-        return task.score(gen, examples, batch_size=args.batch)["exact_match"]
-
-    folder = Path(args.adapter) if Path(args.adapter).is_dir() else cache_dir() / "adapters" / args.adapter
-    adapter = load_peft(folder)
-    fp16_bytes = adapter.params * 2
-    em_base = em(base_state)
-    ref_state = merged_state(base_state, deltas_of(adapter))
-    model.load_state_dict(ref_state)
-    ref_lp = logprobs(model, tok, texts)
-    em_ref = em(ref_state)
-    print(f"base EM {em_base:.3f}, adapter EM {em_ref:.3f}", flush=True)
-    canonical, _ = canonicalize(adapter)
-
-    rows = []
-    for label, budget, kwargs in POINTS:
-        t = time.perf_counter()
-        source = canonical
-        if budget is not None:
-            result, _ = compress(adapter, CompressConfig(budget=budget, structure="svd"))
-            source, _ = canonicalize(result.to_adapter())
-        q, report = quantize_factors(source, FactorQuantConfig(group_size=args.group_size, **kwargs))
-        deq = q.dequantize(source)
-        state = merged_state(base_state, deltas_of(deq))
-        model.load_state_dict(state)
-        kl = mean_kl(ref_lp, logprobs(model, tok, texts))
-        e = em(state)
-        payload = q.payload_bits() / 8
-        rows.append(dict(label=label, bits=payload * 8 / adapter.params, ratio=fp16_bytes / payload, em=e,
-                         retention=(e - em_base) / (em_ref - em_base), kl=kl,
-                         rel=report.metrics["rel_error_weighted"], secs=time.perf_counter() - t))
-        print(rows[-1], flush=True)
-
-    lines = [
-        f"`python tools/bench_quantize.py{' ' + ' '.join(sys.argv[1:]) if sys.argv[1:] else ''}` — adapter "
-        f"`{folder.name}` ({adapter.params:,} params, {fp16_bytes / 1024:.0f} KiB as fp16) on SmolLM2-135M-Instruct. "
-        f"Factors: canonical balanced form, groups of {args.group_size} along d, symmetric unless marked, fp16 "
-        f"scales. Bits/param = quantized payload bits (codes + scales + zero points + per-row widths) / the "
-        f"original adapter's parameters. EM on {args.n} held-out dates (base {em_base:.3f}, adapter {em_ref:.3f}); "
-        f"KL = mean KL(reference ‖ candidate) of next-token distributions over {args.kl_examples} held-out "
-        f"texts. {env}.", "",
-        "| point | bits/param | size vs fp16 PEFT | weighted rel. error | EM | retention | mean KL |",
-        "|---|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in rows:
-        lines.append(f"| {r['label']} | {r['bits']:.2f} | {r['ratio']:.1f}× smaller | {r['rel']:.3f} | "
-                     f"{r['em']:.3f} | {r['retention']:.3f} | {r['kl']:.4f} |")
-    keep = [r for r in rows if r["retention"] >= 0.99]
-    if keep:
-        best = max(keep, key=lambda r: r["ratio"])
-        lines += ["", f"Smallest point with ≥99% task retention: **{best['label']}**, {best['ratio']:.1f}× smaller "
-                      f"than the fp16 PEFT adapter ({best['bits']:.2f} bits/param, KL {best['kl']:.4f}); goal ≥16×."]
-    text = "\n".join(lines)
+    if args.hotswap:
+        work = Path(args.work or tempfile.mkdtemp(prefix="bench_hotswap_quant-"))
+        results = []
+        for base in args.hotswap.split(","):
+            results.append(hotswap_table(base, None if base == "tiny" else args.adapters.split(",")[0],
+                                         work / base, args.threads, args.rounds, args.tokens, args.group_size))
+            print(results[-1], flush=True)
+        text = hotswap_markdown(results, env)
+        print(text)
+        if not args.no_write:
+            write_section("Factor quantization", text, block="hotswap-quantized-inputs")
+        return 0
+    scorer = load_scorer(args.examples, args.kl_examples, args.batch)
+    tables = [factor_table(scorer, name, _floats(args.budgets), _floats(args.mixed), args.group_size)
+              for name in args.adapters.split(",")]
+    command = "python tools/bench_quantize.py" + (" " + " ".join(argv if argv is not None else sys.argv[1:])
+                                                  if (argv if argv is not None else sys.argv[1:]) else "")
+    text = factor_markdown(tables, scorer, args.group_size, env, command)
     print(text)
     if not args.no_write:
-        write_section("Factor quantization", text)
+        write_section("Factor quantization", text, block="factor-grid")
     return 0
 
 

@@ -691,7 +691,25 @@ def add_cli(sub) -> None:
                         "weight error (svd and shared-out only)")
     p.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default="float16",
                    help="storage dtype of the factors (default float16)")
-    p.add_argument("--as-peft", metavar="PEFT_DIR", help="also write the plain PEFT expansion of the result")
+    q = p.add_argument_group(
+        "factor quantization",
+        "With --bits the result (after truncation/tensorization) is quantized group-wise and written to "
+        "DIR/quantized.safetensors (packed codes, fp16 scales; the JSON header describes the packing). Shared "
+        "cross-layer factors (shared-out, tucker2, cp, tt) are not quantized as shared tensors: each module's "
+        "expansion is canonicalized and its balanced factors quantized, so the file holds per-module factors. "
+        "Use --budget 0 to quantize without truncation.")
+    q.add_argument("--bits", metavar="8|4|3|2|mixed:AVG_BITS",
+                   help="uniform width, or mixed:AVG_BITS = per-component widths from {0,2,3,4,8} within an average "
+                        "budget in bits per parameter of the factors being quantized (e.g. mixed:3.0); the report "
+                        "also gives bits per parameter of the original adapter")
+    q.add_argument("--group-size", type=int, default=None, metavar="N",
+                   help="values per scale along d (default 64, at least 8); when N does not divide d the last "
+                        "group of a row is shorter and keeps its own scale (no padding)")
+    q.add_argument("--asymmetric", action="store_true",
+                   help="per-group zero points (one byte each) instead of symmetric codes")
+    p.add_argument("--as-peft", metavar="PEFT_DIR",
+                   help="also write the plain PEFT expansion of the result (with --bits: the DEQUANTIZED factors, "
+                        "fp32, so PEFT computes exactly what the quantized file stands for)")
     p.add_argument("--force", action="store_true", help="overwrite --as-peft if it exists")
     p.add_argument("--json", action="store_true", help="print the report as JSON instead of markdown")
     p.set_defaults(func=_run_cli)
@@ -700,6 +718,7 @@ def add_cli(sub) -> None:
 def _run_cli(args) -> int:
     from edge_lora.adapter import load_peft, save_peft
 
+    quant_config = _quant_config(args)   # before any work: a bad --bits must not cost a compression run
     adapter = load_peft(args.adapter)
     if args.output_budget and not args.calibrate:
         raise BudgetError("--output-budget needs --calibrate BASE (the model whose activations define the error).")
@@ -722,15 +741,43 @@ def _run_cli(args) -> int:
     result, report = compress(adapter, config, calibration)
     out = Path(args.out)
     result.save(out)
+    expansion = result.to_adapter()
+    markdown = markdown_report(report)
+    if quant_config is not None:
+        from edge_lora.stages.quantize_factors import quantize_to_file
+
+        expansion, qreport = quantize_to_file(adapter, expansion, quant_config, out / QUANTIZED_FILE,
+                                               [g.name for g in result.groups if g.structure != "svd"])
+        report.metrics["quantize"] = qreport.to_dict()
+        markdown += "\n" + qreport.metrics["summary"] + "\n"
     if args.as_peft:
-        save_peft(result.to_adapter(), args.as_peft, overwrite=args.force)
+        save_peft(expansion, args.as_peft, overwrite=args.force)
     (out / "report.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
-    (out / "report.md").write_text(markdown_report(report))
+    (out / "report.md").write_text(markdown)
     write_plots(report, out)
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
     else:
-        print(markdown_report(report))
-        print(f"wrote {out}/compressed.safetensors, report.md, report.json, spectra.png, error_vs_bytes.png"
-              + (f"; PEFT expansion in {args.as_peft}" if args.as_peft else ""))
+        print(markdown)
+        print(f"wrote {out}/compressed.safetensors" + (f", {QUANTIZED_FILE}" if quant_config else "")
+              + ", report.md, report.json, spectra.png, error_vs_bytes.png"
+              + (f"; PEFT expansion{' (dequantized)' if quant_config else ''} in {args.as_peft}"
+                 if args.as_peft else ""))
     return 0
+
+
+QUANTIZED_FILE = "quantized.safetensors"
+
+
+def _quant_config(args):
+    from edge_lora.stages.quantize_factors import FactorQuantConfig, QuantizeError, parse_bits
+
+    if args.bits is None:
+        if args.group_size is not None or args.asymmetric:
+            raise QuantizeError("--group-size and --asymmetric set factor quantization; add --bits (8, 4, 3, 2 or "
+                                "mixed:AVG_BITS) to quantize.")
+        return None
+    config = FactorQuantConfig(**parse_bits(args.bits), group_size=64 if args.group_size is None else args.group_size,
+                               symmetric=not args.asymmetric)
+    config.validate()
+    return config

@@ -36,11 +36,38 @@ from edge_lora.report import StageReport
 SUPPORTED_BITS = (2, 3, 4, 8)
 MIXED_CHOICES = (0, 2, 3, 4, 8)
 SCALE_BITS = 16
-FORMAT = "edge_lora.quantized_factors/1"
+FORMAT = "edge_lora.quantized_factors/2"
 
 
 class QuantizeError(EdgeLoraError):
     """A quantization setting is out of range."""
+
+
+class BitBudgetError(QuantizeError, BudgetError):
+    """A mixed bit budget below what one 2-bit component costs. Exit 2, not BudgetError's 3: the minimum is known
+    before any work from the adapter's shapes, so this is a setting to change, not a target the data missed."""
+
+    exit_code = 2
+
+
+def parse_bits(text: str) -> dict:
+    """``8|4|3|2`` or ``mixed:AVG_BITS`` (the CLI's --bits) → FactorQuantConfig keyword arguments."""
+    text = str(text).strip()
+    uniform = ", ".join(map(str, sorted(SUPPORTED_BITS, reverse=True)))
+    if text.lower().startswith("mixed:"):
+        value = text.split(":", 1)[1]
+        try:
+            avg = float(value)
+        except ValueError:
+            avg = float("nan")
+        if not math.isfinite(avg) or avg <= 0:
+            raise QuantizeError(f"--bits {text}: after 'mixed:' give the average bit budget per parameter as a "
+                                f"positive number, e.g. mixed:3.0 (got {value!r}).")
+        return {"bits": None, "mixed_avg_bits": avg}
+    if text.isdigit() and int(text) in SUPPORTED_BITS:
+        return {"bits": int(text), "mixed_avg_bits": None}
+    raise QuantizeError(f"--bits {text} is not supported: use a uniform width ({uniform}) or mixed:AVG_BITS "
+                        "(per-component widths from {0, 2, 3, 4, 8} within an average budget, e.g. mixed:2.5).")
 
 
 @dataclass(frozen=True)
@@ -57,7 +84,11 @@ class FactorQuantConfig:
         if self.bits is not None and self.bits not in SUPPORTED_BITS:
             raise QuantizeError(f"bits={self.bits} is not supported; choose one of {SUPPORTED_BITS} "
                                 "(or mixed:AVG_BITS for mixed precision).")
-        if not isinstance(self.group_size, int) or self.group_size < 8:
+        if self.mixed_avg_bits is not None and not (isinstance(self.mixed_avg_bits, (int, float))
+                                                    and math.isfinite(self.mixed_avg_bits) and self.mixed_avg_bits > 0):
+            raise QuantizeError(f"mixed_avg_bits={self.mixed_avg_bits!r} must be a positive number of bits per "
+                                "parameter, e.g. 3.0.")
+        if not isinstance(self.group_size, int) or isinstance(self.group_size, bool) or self.group_size < 8:
             raise QuantizeError(f"group_size={self.group_size!r} must be an integer ≥ 8 (scales cost 16 bits "
                                 "per group; tiny groups cost more than they save).")
 
@@ -236,9 +267,11 @@ def allocate_bits(adapter: Adapter, cfg: FactorQuantConfig) -> dict[str, list[in
     floor = sum(_component_cost(0, m.d_out, m.d_in, cfg) * m.rank for m in adapter.modules.values())
     cheapest = min(_component_cost(2, m.d_out, m.d_in, cfg) for m in adapter.modules.values())
     if budget < floor + cheapest:
-        raise BudgetError(f"a budget of {cfg.mixed_avg_bits} bits per parameter cannot keep even one component "
-                          f"at 2 bits (the minimum is {(floor + cheapest) / params:.3f} bits/param with group size "
-                          f"{cfg.group_size}); raise mixed_avg_bits.")
+        minimum = math.ceil((floor + cheapest) / params * 1000) / 1000   # rounded up, so the number given works
+        raise BitBudgetError(f"a budget of {cfg.mixed_avg_bits} bits per parameter cannot keep even one component "
+                             f"at 2 bits: the minimum for this adapter is {minimum:.3f} bits/param with group size "
+                             f"{cfg.group_size} (every component pays 16 bits of width bytes, the cheapest 2-bit "
+                             f"component its codes and scales). Raise the budget (mixed:{minimum:.3f} or more).")
     alloc = {n: [0] * m.rank for n, m in adapter.modules.items()}
     errors, heap = {}, []
     for name, m in adapter.modules.items():
@@ -301,6 +334,7 @@ def quantize_factors(adapter: Adapter, cfg: FactorQuantConfig = FactorQuantConfi
     for widths in alloc.values():
         for b in widths:
             histogram[b] = histogram.get(b, 0) + 1
+    short = sorted({d for m in adapter.modules.values() for d in (m.d_out, m.d_in) if d % cfg.group_size})
     report = StageReport(stage="quantize_factors", config=asdict(cfg), seconds=time.perf_counter() - start, metrics={
         "bits_per_param": q.bits_per_param(),
         "payload_bytes": q.payload_bits() / 8,
@@ -309,30 +343,57 @@ def quantize_factors(adapter: Adapter, cfg: FactorQuantConfig = FactorQuantConfi
         "worst_module": max(errors, key=errors.get) if errors else None,
         "component_bits_histogram": dict(sorted(histogram.items())),
     })
+    if short:
+        report.metrics["short_last_group"] = short_group_note(short, cfg.group_size)
     return q, report
+
+
+def short_group_note(dims, group_size: int) -> str:
+    """What happens when group_size does not divide d: said once, the same way in the report, help and docs."""
+    parts = ", ".join(f"d={d} is one group of {d}" if d < group_size else f"d={d} ends with a group of "
+                      f"{d % group_size}" for d in dims)
+    return (f"group size {group_size} does not divide every factor length ({parts}): the last group of each such "
+            "row is shorter and keeps its own fp16 scale (no padding; the size counts that scale).")
 
 
 # ---------------------------------------------------------------------------------------------- file format
 def save_quantized(q: QuantizedAdapter, path: str | os.PathLike) -> Path:
-    """One safetensors file: packed codes, fp16 scales, uint8 zero points, and a JSON header in the metadata
-    (``edge_lora`` key) that says how each tensor is packed. Written to a temp file, fsynced, renamed."""
+    """One safetensors file with at most five flat tensors, so the file costs what the payload says:
+
+    - ``bits``   uint8, the width of every row: per module (header order) Bᵀ's rows, then A's rows;
+    - ``codes``  uint8, every live row's codes bit-packed (:func:`pack_codes`), each row starting on a byte;
+    - ``scales`` float16, ``ceil(d / group_size)`` per live row, same order; dropped rows store nothing;
+    - ``zeros``  uint8, likewise (asymmetric only);  ``bias`` float16, the lora_bias vectors in order.
+
+    The JSON header (metadata key ``edge_lora``) lists modules in order with kind, d_out, d_in, rank and bias, so
+    every offset is implied. One tensor per module part would cost ~100 header bytes each: 150 KB of a 390 KB
+    file for a 210-module adapter. Written to a temp file, fsynced, renamed."""
     from safetensors.numpy import save_file
 
-    tensors: dict[str, np.ndarray] = {}
-    modules = {}
+    bits, codes, scales, zeros, biases, modules = [], [], [], [], [], []
     for name, m in q.modules.items():
-        entry = {"kind": m.kind, "has_bias": m.bias is not None}
-        for part, rows in (("B", m.B_rows), ("A", m.A_rows)):
-            tensors[f"{name}.{part}.bits"] = rows.bits
-            tensors[f"{name}.{part}.codes"] = np.concatenate(
-                [pack_codes(c, int(b)) for c, b in zip(rows.codes, rows.bits)] or [np.zeros(0, np.uint8)])
-            tensors[f"{name}.{part}.scales"] = rows.scales
-            if rows.zeros is not None:
-                tensors[f"{name}.{part}.zeros"] = rows.zeros
-            entry[part] = {"d": rows.d}
+        for rows in (m.B_rows, m.A_rows):
+            bits.append(rows.bits)
+            for i, b in enumerate(rows.bits):
+                if b == 0:
+                    continue
+                codes.append(pack_codes(rows.codes[i], int(b)))
+                scales.append(rows.scales[i])
+                if rows.zeros is not None:
+                    zeros.append(rows.zeros[i])
         if m.bias is not None:
-            tensors[f"{name}.bias"] = m.bias.numpy().astype(np.float16)
-        modules[name] = entry
+            biases.append(m.bias.numpy().astype(np.float16))
+        modules.append({"name": name, "kind": m.kind, "d_out": m.B_rows.d, "d_in": m.A_rows.d,
+                        "rank": len(m.B_rows.bits), "has_bias": m.bias is not None})
+
+    def flat(parts, dtype):
+        return np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype)
+
+    tensors = {"bits": flat(bits, np.uint8), "codes": flat(codes, np.uint8), "scales": flat(scales, np.float16)}
+    if not q.config.symmetric:
+        tensors["zeros"] = flat(zeros, np.uint8)
+    if biases:
+        tensors["bias"] = flat(biases, np.float16)
     header = {"format": FORMAT, "config": asdict(q.config), "original_params": q.original_params,
               "modules": modules, "peft_config": q.source_config}
     out = Path(path)
@@ -340,7 +401,8 @@ def save_quantized(q: QuantizedAdapter, path: str | os.PathLike) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
     os.close(fd)
     try:
-        save_file(tensors, tmp, metadata={"edge_lora": json.dumps(header)})
+        os.chmod(tmp, 0o644)   # mkstemp's 0600 would make the shipped file unreadable to other users
+        save_file(tensors, tmp, metadata={"edge_lora": json.dumps(header, separators=(",", ":"))})
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, out)
@@ -348,6 +410,26 @@ def save_quantized(q: QuantizedAdapter, path: str | os.PathLike) -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return out
+
+
+class _Cursor:
+    """Reads consecutive slices of a flat tensor; running past its end means the file is corrupt."""
+
+    def __init__(self, path, key: str, array: np.ndarray):
+        self.path, self.key, self.array, self.at = path, key, array, 0
+
+    def take(self, n: int) -> np.ndarray:
+        if self.at + n > len(self.array):
+            raise AdapterError(f"{self.path}: tensor {self.key!r} has {len(self.array)} entries, the header implies "
+                               "more; the file is corrupt or truncated. Re-run the quantize stage.")
+        out = self.array[self.at:self.at + n]
+        self.at += n
+        return out
+
+    def check_used(self) -> None:
+        if self.at != len(self.array):
+            raise AdapterError(f"{self.path}: tensor {self.key!r} has {len(self.array)} entries, the header implies "
+                               f"{self.at}; the file is corrupt. Re-run the quantize stage.")
 
 
 def load_quantized(path: str | os.PathLike) -> QuantizedAdapter:
@@ -363,31 +445,103 @@ def load_quantized(path: str | os.PathLike) -> QuantizedAdapter:
     try:
         header = json.loads(meta["edge_lora"])
         if header["format"] != FORMAT:
-            raise AdapterError(f"{path}: format {header['format']!r} is not {FORMAT!r}; upgrade edge_lora.")
+            raise AdapterError(f"{path}: format {header['format']!r} is not {FORMAT!r}; re-run the quantize stage "
+                               "with this edge_lora.")
         cfg = FactorQuantConfig(**header["config"])
+        cur = {k: _Cursor(path, k, tensors[k]) for k in ("bits", "codes", "scales")}
+        for k in ("zeros", "bias"):
+            if k in tensors:
+                cur[k] = _Cursor(path, k, tensors[k])
         modules = {}
-        for name, entry in header["modules"].items():
+        for entry in header["modules"]:
             parts = {}
-            for part in ("B", "A"):
-                bits = tensors[f"{name}.{part}.bits"]
-                d = int(entry[part]["d"])
-                packed = tensors[f"{name}.{part}.codes"]
-                codes, offset = [], 0
-                for b in bits:
-                    n_bytes = math.ceil(int(b) * d / 8)
-                    codes.append(unpack_codes(packed[offset:offset + n_bytes], int(b), d if b else 0))
-                    offset += n_bytes
-                if offset != len(packed):
-                    raise AdapterError(f"{path}: tensor {name}.{part}.codes has {len(packed)} bytes, the header "
-                                       f"implies {offset}; the file is corrupt.")
-                parts[part] = QuantizedRows(bits=bits, codes=codes, scales=tensors[f"{name}.{part}.scales"],
-                                            zeros=tensors.get(f"{name}.{part}.zeros"), d=d,
+            r = int(entry["rank"])
+            for part, d in (("B", int(entry["d_out"])), ("A", int(entry["d_in"]))):
+                bits = cur["bits"].take(r).copy()
+                n_groups = math.ceil(d / cfg.group_size)
+                scales = np.zeros((r, n_groups), dtype=np.float16)
+                zeros = None if cfg.symmetric else np.zeros((r, n_groups), dtype=np.uint8)
+                codes = []
+                for i, b in enumerate(bits):
+                    b = int(b)
+                    if b not in (0,) + SUPPORTED_BITS:
+                        raise AdapterError(f"{path}: module {entry['name']} has a {b}-bit row; the file is corrupt.")
+                    codes.append(unpack_codes(cur["codes"].take(math.ceil(b * d / 8)), b, d if b else 0))
+                    if b:
+                        scales[i] = cur["scales"].take(n_groups)
+                        if zeros is not None:
+                            zeros[i] = cur["zeros"].take(n_groups)
+                parts[part] = QuantizedRows(bits=bits, codes=codes, scales=scales, zeros=zeros, d=d,
                                             group_size=cfg.group_size)
-            bias = torch.from_numpy(tensors[f"{name}.bias"].astype(np.float32)) if entry["has_bias"] else None
-            modules[name] = QuantizedModule(name=name, kind=entry["kind"], B_rows=parts["B"], A_rows=parts["A"],
-                                            bias=bias)
+            bias = (torch.from_numpy(cur["bias"].take(int(entry["d_out"])).astype(np.float32))
+                    if entry["has_bias"] else None)
+            modules[entry["name"]] = QuantizedModule(name=entry["name"], kind=entry["kind"], B_rows=parts["B"],
+                                                     A_rows=parts["A"], bias=bias)
+        for c in cur.values():
+            c.check_used()
     except (KeyError, TypeError, ValueError, json.JSONDecodeError) as exc:
         raise AdapterError(f"{path}: the edge_lora header or a tensor it names is missing or malformed ({exc!r}). "
                            "Re-run the quantize stage.") from exc
     return QuantizedAdapter(modules=modules, config=cfg, source_config=header.get("peft_config", {}),
                             original_params=int(header["original_params"]))
+
+
+# ---------------------------------------------------------------------------------------------- CLI helper
+def quantize_to_file(original: Adapter, expansion: Adapter, cfg: FactorQuantConfig, path: str | os.PathLike,
+                     shared_groups: list[str] | None = None) -> tuple[Adapter, StageReport]:
+    """Quantize a per-module adapter (``compress``'s expansion, or the import itself), write ``path``, and return
+    the dequantized adapter READ BACK FROM THE FILE, so a PEFT export of it computes exactly what the file holds.
+
+    Errors are measured against ``original`` (truncation and quantization together) and against the expansion
+    (quantization alone); sizes against the fp16 PEFT adapter (2 bytes per original parameter)."""
+    from edge_lora.stages.canonicalize import canonicalize, relative_error
+
+    source, _ = canonicalize(expansion)
+    q, report = quantize_factors(source, cfg)
+    path = Path(path)
+    save_quantized(q, path)
+    dequantized = load_quantized(path).dequantize(source)
+    errors = {n: relative_error(m, dequantized.modules[n]) for n, m in original.modules.items()
+              if n in dequantized.modules}
+    energy = {n: float(((m.scale * m.B.double()).T @ (m.scale * m.B.double()) * (m.A.double() @ m.A.double().T)).sum())
+              for n, m in original.modules.items() if n in errors}
+    total = sum(energy.values()) or 1.0
+    fp16_bytes = original.params * 2
+    payload = q.payload_bits() / 8
+    file_bytes = path.stat().st_size
+    m = report.metrics
+    m.update({
+        "file": str(path), "file_bytes": file_bytes, "fp16_peft_bytes": fp16_bytes,
+        "bits_per_original_param": q.payload_bits() / max(original.params, 1),
+        "size_ratio_vs_fp16_peft": fp16_bytes / max(payload, 1), "file_ratio_vs_fp16_peft": fp16_bytes / file_bytes,
+        "rel_error_vs_original_weighted": math.sqrt(sum(energy[n] * errors[n] ** 2 for n in errors) / total),
+        "rel_error_vs_original_worst": max(errors.values()) if errors else 0.0,
+        "worst_module_vs_original": max(errors, key=errors.get) if errors else None,
+    })
+    label = f"int{cfg.bits}" if cfg.bits is not None else f"mixed {cfg.mixed_avg_bits:g}"
+    kind = "symmetric" if cfg.symmetric else "asymmetric"
+    widths = ", ".join(f"{b} bits × {n}" for b, n in m["component_bits_histogram"].items())
+    lines = [
+        f"## Factor quantization ({label}, groups of {cfg.group_size}, {kind})",
+        "",
+        (f"{m['bits_per_original_param']:.3f} bits per parameter of the original adapter ({m['bits_per_param']:.3f} "
+         f"per parameter of the factors quantized; codes, fp16 scales{', zero points' if not cfg.symmetric else ''} "
+         f"and per-row widths all counted). Payload {payload / 1024:.1f} KiB, file {file_bytes / 1024:.1f} KiB: "
+         f"{m['size_ratio_vs_fp16_peft']:.1f}× ({m['file_ratio_vs_fp16_peft']:.1f}× by file) smaller than the fp16 "
+         f"PEFT adapter ({fp16_bytes / 1024:.1f} KiB)."),
+        "",
+        (f"Relative error ‖ΔW−ΔŴ‖/‖ΔW‖ against the original adapter (truncation + quantization): energy-weighted "
+         f"{m['rel_error_vs_original_weighted']:.4f}, worst {m['rel_error_vs_original_worst']:.4f} "
+         f"({m['worst_module_vs_original']}); quantization alone: weighted {m['rel_error_weighted']:.4f}, worst "
+         f"{m['rel_error_worst']:.4f}. Component widths: {widths}."),
+    ]
+    if shared_groups:
+        note = (f"groups {', '.join(shared_groups)} share factors across layers; factor quantization takes per-module "
+                "factors, so each module's expansion was canonicalized and quantized (the shared tensors are not "
+                "stored once in the quantized file).")
+        report.skipped.append(note)
+        lines += ["", "Note: " + note]
+    if "short_last_group" in m:
+        lines += ["", "Note: " + m["short_last_group"]]
+    m["summary"] = "\n".join(lines)
+    return dequantized, report
