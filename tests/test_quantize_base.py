@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import shutil
+from types import SimpleNamespace
 
 import numpy as np
 import onnx
@@ -16,8 +18,10 @@ from edge_lora.profiles import ExportConfig, load_profile
 from edge_lora.runtimes.hotswap import HotswapSession
 from edge_lora.runtimes.ort_session import full_feeds, load_session
 from edge_lora.stages.export_onnx import ADAPTER_FILE, MODEL_FILE, export_hotswap, export_merged
+from edge_lora.stages.hotswap_quant import is_quantized_adapter
 from edge_lora.stages.merge import merge
-from edge_lora.stages.quantize import QuantizeConfig, quantize_base
+from edge_lora.stages.quantize import QuantizeConfig, QuantizeConfigError, quantize_base
+from edge_lora.stages.quantize import _stage as quantize_stage
 
 IDS = np.random.default_rng(0).integers(0, 128, size=(2, 9))
 
@@ -197,3 +201,133 @@ def test_unknown_quantize_key_is_refused(tmp_path):
     path.write_text('[profile]\nstages = ["merge", "export", "quantize"]\n[quantize]\nbase = "int4"\nbits = 4\n')
     with pytest.raises(ProfileError, match="unknown key.*bits"):
         load_profile(path)
+
+
+# ------------------------------------------------------------------------------------------ the adapter file
+@pytest.fixture(scope="module")
+def hotswap_export(tmp_path_factory):
+    """A float hot-swap export of tiny llama with its adapter file, and the adapter it was written from."""
+    root = tmp_path_factory.mktemp("qadapter")
+    kind, kwargs = ADAPTER_TABLE["llama-all7"]
+    make_peft_adapter(kind, kwargs, root / "adapter")
+    adapter = load_peft(root / "adapter")
+    for m in adapter.modules.values():   # conftest's factors swamp the tiny weights (see test_hotswap_quant)
+        m.B = m.B * 0.1
+    folder = root / "hs"
+    folder.mkdir()
+    export_hotswap(tiny_model(kind), None, adapter, folder, ExportConfig(mode="hotswap"))
+    return folder, adapter
+
+
+def run_stage(folder, config, adapter=None):
+    ctx = SimpleNamespace(work_dir=folder, adapter=adapter, reports=[])
+    return quantize_stage(ctx, config)
+
+
+def adapter_effect(folder) -> np.ndarray:
+    hs = HotswapSession(folder)
+    hs.load_adapter("x", folder / ADAPTER_FILE)
+    return logits(folder, hs.run_options("x"), hs.session) - logits(folder, None, hs.session)
+
+
+@pytest.mark.parametrize("bits", ["int8", "int4"])
+@pytest.mark.parametrize("from_adapter", [True, False])
+def test_stage_quantizes_the_adapter_file_load_time(hotswap_export, tmp_path, bits, from_adapter):
+    """Load-time layout: the graph is untouched, the file is quantized and smaller, HotswapSession expands it."""
+    fp, adapter = hotswap_export
+    folder = copy_of(fp, tmp_path)
+    graph_before = (folder / MODEL_FILE).read_bytes()
+    before = (folder / ADAPTER_FILE).stat().st_size
+    report = run_stage(folder, QuantizeConfig(adapter=bits, adapter_block_size=16),
+                       adapter if from_adapter else None)
+    assert is_quantized_adapter(folder / ADAPTER_FILE)
+    after = (folder / ADAPTER_FILE).stat().st_size
+    assert after < (0.45 if bits == "int8" else 0.35) * before   # 8 or 4 bits + an fp32 scale per 16 values
+    assert report.metrics["adapter_bytes_before"] == before and report.metrics["adapter_bytes_after"] == after
+    assert (folder / MODEL_FILE).read_bytes() == graph_before
+    meta = json.loads((folder / "edge_lora.json").read_text())
+    assert meta["adapter_quantization"] == {"adapter": bits, "block_size": 16, "layout": "load-time",
+                                            "bytes_before": before, "bytes_after": after}
+    assert "base_quantization" not in meta   # base = "none"
+    assert not [p for p in folder.iterdir() if p.name.endswith(".tmp")]
+    assert rel_err(adapter_effect(folder), adapter_effect(fp)) < (0.03 if bits == "int8" else 0.3)
+
+
+def test_stage_in_graph_layout_quantizes_the_graph_too(hotswap_export, tmp_path):
+    fp, adapter = hotswap_export
+    folder = copy_of(fp, tmp_path)
+    run_stage(folder, QuantizeConfig(adapter="int8", adapter_block_size=16, adapter_layout="in-graph"), adapter)
+    inputs = {i.name for i in onnx.load(str(folder / MODEL_FILE)).graph.input}
+    assert any(n.endswith(".codes") for n in inputs) and not any(n.endswith(".A") for n in inputs)
+    assert rel_err(adapter_effect(folder), adapter_effect(fp)) < 0.03
+
+
+def test_stage_with_base_and_adapter(hotswap_export, tmp_path):
+    fp, adapter = hotswap_export
+    folder = copy_of(fp, tmp_path)
+    report = run_stage(folder, QuantizeConfig(base="int8", block_size=16, adapter="int4", adapter_block_size=16),
+                       adapter)
+    meta = json.loads((folder / "edge_lora.json").read_text())
+    assert meta["base_quantization"]["base"] == "int8" and meta["adapter_quantization"]["adapter"] == "int4"
+    assert report.metrics["int8_matmuls"] > 0 and report.metrics["adapter_bytes_after"] > 0
+    assert rel_err(adapter_effect(folder), adapter_effect(fp)) < 0.35
+
+
+def test_fp32_adapter_leaves_the_file_alone(hotswap_export, tmp_path):
+    fp, adapter = hotswap_export
+    folder = copy_of(fp, tmp_path)
+    before = (folder / ADAPTER_FILE).read_bytes()
+    run_stage(folder, QuantizeConfig(), adapter)
+    assert (folder / ADAPTER_FILE).read_bytes() == before
+    assert "adapter_quantization" not in json.loads((folder / "edge_lora.json").read_text())
+
+
+def test_merged_export_with_quantized_adapter_is_refused(merged_export, tmp_path):
+    folder = copy_of(merged_export, tmp_path)
+    before = (folder / MODEL_FILE).read_bytes()
+    with pytest.raises(QuantizeConfigError, match="merged export has no separate adapter; use a hot-swap profile"):
+        run_stage(folder, QuantizeConfig(base="int8", adapter="int4"))
+    assert (folder / MODEL_FILE).read_bytes() == before   # refused before the base was touched
+
+
+def test_already_quantized_adapter_file_is_refused(hotswap_export, tmp_path):
+    fp, adapter = hotswap_export
+    folder = copy_of(fp, tmp_path)
+    run_stage(folder, QuantizeConfig(adapter="int8", adapter_block_size=16), adapter)
+    with pytest.raises(QuantizeConfigError, match="already quantized"):
+        run_stage(folder, QuantizeConfig(adapter="int8", adapter_block_size=16), adapter)
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    (dict(adapter="int3"), "quantize.adapter"),
+    (dict(adapter="fp16"), "quantize.adapter"),
+    (dict(adapter="int4", adapter_layout="fast"), "quantize.adapter_layout"),
+    (dict(adapter="int4", adapter_block_size=4), "adapter_block_size"),
+    (dict(adapter="int4", adapter_block_size=True), "adapter_block_size"),
+    (dict(adapter="int4", adapter_block_size=32.0), "adapter_block_size"),
+])
+def test_bad_adapter_settings_are_profile_errors(kwargs, words):
+    with pytest.raises(ProfileError, match=words):
+        QuantizeConfig(**kwargs)
+
+
+def test_hotswap_int4_profile_quantizes_the_adapter_at_load_time():
+    config = load_profile("cpu-int4-hotswap").config("quantize")
+    assert config.adapter in ("int4", "int8") and config.adapter_layout == "load-time"
+
+
+def test_base_only_hotswap_export(tmp_path):
+    """No adapter file: load-time has nothing to do (and says so); in-graph still makes the graph take quantized
+    adapter files."""
+    kind, _ = ADAPTER_TABLE["llama-all7"]
+    targets = [f"model.layers.{i}.self_attn.{m}" for i in (0, 1) for m in ("q_proj", "o_proj")]
+    fp = tmp_path / "base-only"
+    fp.mkdir()
+    export_hotswap(tiny_model(kind), None, None, fp, ExportConfig(mode="hotswap", hotswap_targets=targets))
+    folder = copy_of(fp, tmp_path)
+    report = run_stage(folder, QuantizeConfig(adapter="int4", adapter_block_size=16))
+    assert any("no adapter.onnx_adapter" in s for s in report.skipped)
+    assert (folder / MODEL_FILE).read_bytes() == (fp / MODEL_FILE).read_bytes()
+    run_stage(folder, QuantizeConfig(adapter="int4", adapter_block_size=16, adapter_layout="in-graph"))
+    inputs = {i.name for i in onnx.load(str(folder / MODEL_FILE)).graph.input}
+    assert any(n.endswith(".codes") for n in inputs)

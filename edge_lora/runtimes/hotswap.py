@@ -16,6 +16,11 @@ import numpy as np
 
 from edge_lora.errors import AdapterError
 from edge_lora.runtimes.ort_session import full_feeds, load_session, probe_ids
+from edge_lora.stages.hotswap_quant import (
+    expand_quantized_adapter,
+    is_quantized_adapter,
+    load_float_ort_adapter,
+)
 
 
 def adapter_parameter_names(path: str | os.PathLike) -> list[str]:
@@ -43,6 +48,15 @@ class HotswapSession:
         self._run_options: dict[str, object] = {}    # name -> RunOptions with that adapter active
         self._probe_base: np.ndarray | None = None
 
+    def _fused_modules(self) -> set[str]:
+        """Modules that share a LoRA branch with others in this export (from edge_lora.json, if present)."""
+        meta = self.folder / "edge_lora.json"
+        try:
+            groups = json.loads(meta.read_text()).get("lora_groups") or [] if meta.is_file() else []
+        except (OSError, ValueError):
+            return set()
+        return {m for g in groups if len(g.get("modules", [])) > 1 for m in g["modules"]}
+
     @property
     def adapters(self) -> list[str]:
         return sorted(self._adapters)
@@ -57,13 +71,30 @@ class HotswapSession:
         import onnxruntime as ort
 
         params = adapter_parameter_names(path)
+        expanded = None
+        if is_quantized_adapter(params) and not set(params) <= set(self.lora_inputs):
+            # A quantized file on a float graph: dequantized once here, so decode runs at float-LoRA speed.
+            inputs = self.session.get_overridable_initializers()
+            expanded = expand_quantized_adapter(path, {i.name: i.shape for i in inputs})
+            params = sorted(expanded)
         unknown = sorted(set(params) - set(self.lora_inputs))
-        if unknown:
-            raise AdapterError(f"{path}: parameters {unknown[:3]} are not LoRA inputs of {self.folder}; the adapter "
+        fused = self._fused_modules()
+        stale = [n for n in unknown if n.rpartition(".")[0].removeprefix("lora.") in fused]
+        missing = [n for n in unknown if n not in stale]
+        if missing:
+            raise AdapterError(f"{path}: parameters {missing[:3]} are not LoRA inputs of {self.folder}; the adapter "
                                "targets modules this base export has no branch for. Re-export the base with "
                                "those modules (export.hotswap_targets).")
-        adapter = ort.LoraAdapter()
-        adapter.Load(str(path))
+        if stale:
+            raise AdapterError(f"{path}: parameters {stale[:3]} are per-module factors, but {self.folder} packs "
+                               f"{stale[0].rpartition('.')[0].removeprefix('lora.')} into one LoRA branch with its "
+                               "sibling projections (export.fuse_projections). Write the adapter file for this "
+                               "export: write_ort_adapter(adapter, path, read_meta(folder)).")
+        if expanded is not None:
+            adapter = load_float_ort_adapter(expanded)
+        else:
+            adapter = ort.LoraAdapter()
+            adapter.Load(str(path))
         options = ort.RunOptions()
         options.add_active_adapter(adapter)
         if check:
