@@ -187,3 +187,26 @@ def test_cli_package_verify_install(ota_ort, tmp_path):
     assert main(["install", str(pkg), "--pubkey", str(ota_ort.pub_path), "--root", str(root), "--base",
                  str(ota_ort.base), "--export", str(ota_ort.export)]) == 0
     assert read_state(root, "tiny-ort")["version"] == 1
+
+
+def test_peft_adapter_packaged_for_a_quantized_export_is_quantized(ota_ort, tmp_path):
+    """An export whose adapter file is quantized (quantize stage, adapter = "int8"/"int4") gets quantized
+    adapters from the packager too, and they load on the export's float graph close to the float adapter."""
+    from edge_lora.stages.hotswap_quant import is_quantized_adapter
+    from edge_lora.stages.package import _ort_adapter_from_peft
+
+    meta = json.loads((ota_ort.export / "edge_lora.json").read_text())
+    files = {}
+    for kind in ("fp32", "int8", "int4"):
+        meta["adapter_quantization"] = {"adapter": kind, "block_size": 16, "layout": "load-time"}
+        files[kind] = tmp_path / f"{kind}.onnx_adapter"
+        files[kind].write_bytes(_ort_adapter_from_peft(ota_ort.ay, meta))
+    assert [is_quantized_adapter(files[k]) for k in ("fp32", "int8", "int4")] == [False, True, True]
+    assert files["int4"].stat().st_size < files["int8"].stat().st_size < files["fp32"].stat().st_size / 2
+    s = HotswapSession(ota_ort.export, threads=1)
+    feeds = full_feeds(s.session, IDS)
+    for kind, path in files.items():
+        s.load_adapter(kind, path)
+    base, ref, q8 = s.run(feeds)[0], s.run(feeds, adapter="fp32")[0], s.run(feeds, adapter="int8")[0]
+    # random tiny factors: int8 keeps the adapter's effect to a few percent (int4 is scored on SmolLM2)
+    assert np.linalg.norm(q8 - ref) / np.linalg.norm(ref - base) < 0.05

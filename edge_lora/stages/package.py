@@ -53,9 +53,17 @@ def _ort_adapter_from_peft(src: Path, meta: dict) -> bytes:
     from edge_lora.adapter import load_peft
     from edge_lora.stages.export_onnx import write_ort_adapter
 
+    quant = meta.get("adapter_quantization") or {}
     with tempfile.TemporaryDirectory(prefix="edge-lora-ort-") as tmp:
         path = Path(tmp) / ORT_ADAPTER_FILE
-        write_ort_adapter(load_peft(src), path, meta)   # the exact layout, fused groups included
+        if quant.get("adapter") in ("int8", "int4"):
+            # the export ships a quantized adapter: the package carries the same kind (its devices expect it)
+            from edge_lora.stages.hotswap_quant import HotswapQuantConfig, write_quantized_ort_adapter
+
+            cfg = HotswapQuantConfig(bits=4 if quant["adapter"] == "int4" else 8, group_size=quant["block_size"])
+            write_quantized_ort_adapter(load_peft(src), path, cfg, meta)
+        else:
+            write_ort_adapter(load_peft(src), path, meta)   # the exact layout, fused groups included
         return path.read_bytes()
 
 
