@@ -66,8 +66,9 @@ def _run_models(args) -> int:
 # ------------------------------------------------------------------------------- stage subcommands
 # Stages that own a verb define it next to their code, in an add_cli(subparsers) function:
 #   edge_lora.pipeline: export, validate;  edge_lora.stages.compress: compress;
-#   edge_lora.stages.package: keygen, package, verify, install, list, rollback.
-STAGE_CLIS = ("edge_lora.pipeline", "edge_lora.stages.compress", "edge_lora.stages.package")
+#   edge_lora.stages.package: keygen, package, verify, install, list, rollback;  edge_lora.stages.profile: profile.
+STAGE_CLIS = ("edge_lora.pipeline", "edge_lora.stages.compress", "edge_lora.stages.package",
+              "edge_lora.stages.profile")
 
 
 def _add_stage_commands(sub) -> None:

@@ -1,0 +1,150 @@
+"""ONNX Runtime on the CPU execution provider: one export folder (merged or hot-swap, any precision) as a
+:class:`~edge_lora.runtimes.Runner`. The CUDA and mobile runners differ only in how they make the session.
+
+Causal LMs run batch 1 with the exported KV cache (``OrtCausalLM.step``); encoders (feature-extraction) have
+``encode`` instead of prefill/decode. Hot-swap exports go through ``HotswapSession``, which keeps each loaded
+adapter alive; ``swap`` re-reads the adapter file every time, so timing it is the cost of a real swap.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from edge_lora.errors import ModelError
+from edge_lora.runtimes.ort_generate import OrtCausalLM
+from edge_lora.runtimes.ort_session import MODEL_FILE, empty_past, full_feeds, load_session
+
+# Same as edge_lora.stages.export_onnx.META_FILE (a test checks). Not imported from there: that module imports
+# torch, which would add ~220 MB to every runner process whose memory the profiler measures.
+META_FILE = "edge_lora.json"
+ENCODER_TASKS = ("feature-extraction",)
+
+
+def export_meta(folder: str | os.PathLike) -> dict:
+    """edge_lora.json of an export folder, with an error that says how to get one."""
+    folder = Path(folder)
+    if not folder.is_dir() or not (folder / META_FILE).is_file() or not (folder / MODEL_FILE).is_file():
+        raise ModelError(f"{folder} is not an edge_lora export folder (it needs {MODEL_FILE} and {META_FILE}); "
+                         "pass a folder written by `python -m edge_lora export`.")
+    try:
+        return json.loads((folder / META_FILE).read_text())
+    except ValueError as exc:
+        raise ModelError(f"{folder / META_FILE} is not valid JSON ({exc}); re-export the folder.") from exc
+
+
+def model_precision(folder: str | os.PathLike) -> str:
+    """fp32 / fp16 / int8 / int4 of the base weights (edge_lora.json may say it): MatMulNBits' bit widths, else
+    the element type holding most initializer bytes. Not op types alone: a quantized LoRA branch also has
+    DequantizeLinear nodes on an fp32 base.
+
+    Parses the graph (not external data): do it before a memory measurement, not inside one.
+    """
+    import math
+
+    import onnx
+
+    meta = export_meta(folder)
+    if meta.get("precision"):
+        return str(meta["precision"])
+    proto = onnx.load(str(Path(folder) / MODEL_FILE), load_external_data=False)
+    bits = sorted({a.i for n in proto.graph.node if n.op_type == "MatMulNBits" for a in n.attribute
+                   if a.name == "bits"})
+    if bits:
+        return "int" + "/".join(map(str, bits))
+    weight_bytes: dict[int, int] = {}
+    for t in proto.graph.initializer:
+        size = math.prod(t.dims) * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+        weight_bytes[t.data_type] = weight_bytes.get(t.data_type, 0) + size
+    dominant = max(weight_bytes, key=weight_bytes.get) if weight_bytes else onnx.TensorProto.FLOAT
+    names = {onnx.TensorProto.INT8: "int8", onnx.TensorProto.UINT8: "int8", onnx.TensorProto.FLOAT16: "fp16",
+             onnx.TensorProto.BFLOAT16: "bf16"}
+    return names.get(dominant, "fp32")
+
+
+def model_limits(folder: str | os.PathLike) -> tuple[int, int]:
+    """(vocab size, max positions) from config.json; generous defaults when a field is absent."""
+    path = Path(folder) / "config.json"
+    config = json.loads(path.read_text()) if path.is_file() else {}
+    vocab = config.get("vocab_size", 1000)
+    positions = config.get("max_position_embeddings") or config.get("n_positions") or 1 << 20
+    return int(vocab), int(positions)
+
+
+class OrtCpuRunner:
+    runtime = "ort_cpu"
+    provider = "CPUExecutionProvider"
+
+    def __init__(self, folder: str | os.PathLike, threads: int = 2, spinning: bool = True,
+                 precision: str | None = None):
+        self.folder = Path(folder)
+        self.meta = export_meta(self.folder)
+        self.task = self.meta.get("task", "")
+        self.is_encoder = self.task in ENCODER_TASKS
+        self.session = self._make_session(threads, spinning)
+        self.hot = None
+        if self.meta.get("mode") == "hotswap":
+            from edge_lora.runtimes.hotswap import HotswapSession
+
+            self.hot = HotswapSession(self.folder, session=self.session)
+        self._verified: set[str] = set()
+        self.lm = None if self.is_encoder else OrtCausalLM(self.session)
+        self._mask = self._past = None
+        precision = precision or model_precision(self.folder)
+        self.name = f"{self.runtime} {threads or 'all'}t {precision}"
+        self.info = {"runtime": self.runtime, "provider": self.provider, "threads": threads, "spinning": spinning,
+                     "precision": precision, "model": str(self.model_path), "mode": self.meta.get("mode"),
+                     "task": self.task}
+        self.info["vocab_size"], self.info["max_positions"] = model_limits(self.folder)
+        # what ships: model.ort, or model.onnx plus its external data files (model.onnx_data, ...)
+        files = [self.model_path]
+        if self.model_path.name == MODEL_FILE:
+            files += [p for p in self.folder.glob(f"{MODEL_FILE}?*") if p.is_file()]
+        self.info["model_file_mb"] = sum(p.stat().st_size for p in files) / 2**20
+
+    @property
+    def model_path(self) -> Path:
+        return self.folder / MODEL_FILE
+
+    def _make_session(self, threads: int, spinning: bool):
+        return load_session(self.folder, threads=threads, spinning=spinning, providers=(self.provider,))
+
+    # -------------------------------------------------------------------------------- causal LMs
+    def prefill(self, ids: list[int]) -> int:
+        input_ids = np.asarray([ids], dtype=np.int64)
+        self._mask = np.ones_like(input_ids)
+        logits, self._past = self.lm.step(input_ids, self._mask, empty_past(self.session, 1))
+        return int(logits[0].argmax())
+
+    def decode(self, token: int) -> int:
+        self._mask = np.concatenate([self._mask, np.ones((1, 1), dtype=np.int64)], axis=-1)
+        logits, self._past = self.lm.step(np.array([[token]], dtype=np.int64), self._mask, self._past)
+        return int(logits[0].argmax())
+
+    # -------------------------------------------------------------------------------- encoders
+    def encode(self, batch: list[list[int]]) -> None:
+        ids = np.asarray(batch, dtype=np.int64)
+        self.session.run(None, full_feeds(self.session, ids), self.active_run_options())
+
+    # -------------------------------------------------------------------------------- hot-swap
+    def swap(self, adapter_path: str | os.PathLike | None) -> None:
+        """Load the adapter file and make it active (None: the plain base). The first load of each file is
+        checked on a probe input (HotswapSession), later loads are not, so they time the swap alone."""
+        if self.hot is None:
+            raise ModelError(f"{self.folder} is a merged export; only hot-swap exports can swap adapters.")
+        self.hot.unload_adapter("active")
+        if adapter_path is not None:
+            key = str(adapter_path)
+            self.hot.load_adapter("active", adapter_path, check=key not in self._verified)
+            self._verified.add(key)
+        if self.lm is not None:
+            self.lm.run_options = self.active_run_options()
+
+    def active_run_options(self):
+        return self.hot.run_options("active") if self.hot is not None and "active" in self.hot.adapters else None
+
+    def close(self) -> None:
+        self.lm = self.hot = self.session = self._past = None
