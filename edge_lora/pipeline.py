@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import hashlib
+import importlib
 import json
 import os
 import shutil
@@ -44,7 +45,8 @@ class RunContext:
     base_path: Path | None = None
     base_sha256: str | None = None
     adapter_sha256: str | None = None
-    adapter: Any = None                # edge_lora.adapter.Adapter
+    adapter: Any = None                # edge_lora.adapter.Adapter, or a CompressedAdapter (compress output)
+    reference_adapter: Path | None = None   # the PEFT folder validation compares against (the original)
     model: Any = None                  # torch model (merged in place by the merge stage)
     tokenizer: Any = None
     export_info: dict = field(default_factory=dict)
@@ -53,47 +55,78 @@ class RunContext:
 
     def meta(self) -> dict:
         """What edge_lora.json records about where the export came from (validate re-loads from it)."""
-        return {"base": self.base_spec, "base_path": str(self.base_path), "base_sha256": self.base_sha256,
+        meta = {"base": self.base_spec, "base_path": str(self.base_path), "base_sha256": self.base_sha256,
                 "adapter_source": str(self.adapter_path), "adapter_sha256": self.adapter_sha256,
                 "profile": self.profile.name}
+        if self.reference_adapter and self.reference_adapter != self.adapter_path:
+            meta["reference_adapter"] = str(self.reference_adapter)
+        return meta
+
+
+COMPRESSED_FILE = "compressed.safetensors"
 
 
 def adapter_hash(folder: Path) -> str:
-    """sha256 over the adapter's config and weights files (what PEFT reads)."""
+    """sha256 over the adapter's config and weights files (what PEFT reads; a compressed adapter's file too)."""
     h = hashlib.sha256()
-    for name in ("adapter_config.json", "adapter_model.safetensors"):
+    for name in ("adapter_config.json", "adapter_model.safetensors", COMPRESSED_FILE):
         path = Path(folder) / name
+        if name == COMPRESSED_FILE and not path.is_file():
+            continue   # PEFT folders hash as they always did
         h.update(name.encode())
         if path.is_file():
             h.update(path.read_bytes())
     return h.hexdigest()
 
 
+def load_adapter_folder(folder: Path):
+    """(adapter, reference PEFT folder). A PEFT folder is its own reference; a folder written by ``compress``
+    (compressed.safetensors) is exported as it is, shared factors included, and validated against the original
+    adapter it was compressed from (its header's ``source``): the reference is always the uncompressed adapter."""
+    from edge_lora.adapter import load_peft
+    from edge_lora.compressed import CompressedAdapter
+
+    if not (folder / COMPRESSED_FILE).is_file():
+        return load_peft(folder), folder
+    compressed = CompressedAdapter.load(folder)
+    source = Path(compressed.source) if compressed.source else None
+    if source is None or not (source / "adapter_config.json").is_file():
+        raise CompatibilityError(f"{folder / COMPRESSED_FILE} was compressed from {compressed.source!r}, which is not "
+                                 "a PEFT folder here; validation needs the original adapter. Restore it, or "
+                                 "export the compressed adapter's PEFT expansion (compress --as-peft DIR).")
+    return compressed, source
+
+
 # ------------------------------------------------------------------------------------------ stages
 def _load(ctx: RunContext) -> StageReport:
     """Adapter, base and their compatibility: every user mistake here fails before any export work."""
-    from edge_lora.adapter import check_compatible, load_peft
+    from edge_lora.adapter import check_compatible
     from edge_lora.models import base_content_hash, load_base, resolve_base
 
     start = time.perf_counter()
-    ctx.adapter = load_peft(ctx.adapter_path)
+    ctx.adapter, ctx.reference_adapter = load_adapter_folder(ctx.adapter_path)
     ctx.base_path = resolve_base(ctx.base_spec).resolve()
     ctx.model, ctx.tokenizer = load_base(ctx.base_path)
-    check_compatible(ctx.adapter, ctx.model)
+    check_compatible(plain_adapter(ctx.adapter), ctx.model)
     ctx.base_sha256 = base_content_hash(ctx.base_path)
     ctx.adapter_sha256 = adapter_hash(ctx.adapter_path)
     return StageReport(stage="load", seconds=time.perf_counter() - start,
                        input_hash=ctx.adapter_sha256, output_hash=ctx.base_sha256,
                        metrics={"base": str(ctx.base_path), "adapter": str(ctx.adapter_path),
-                                "modules": len(ctx.adapter.modules), "adapter_params": ctx.adapter.params,
+                                "modules": len(plain_adapter(ctx.adapter).modules), "adapter_params": ctx.adapter.params,
                                 "model_type": ctx.model.config.model_type})
+
+
+def plain_adapter(adapter):
+    """The per-module LoRA form (a compressed adapter's expansion) for stages that need one ΔW per module."""
+    return adapter.to_adapter() if hasattr(adapter, "to_adapter") else adapter
 
 
 def _merge(ctx: RunContext, config) -> StageReport:
     from edge_lora.models import base_content_hash
     from edge_lora.stages.merge import merge
 
-    ctx.model, report = merge(ctx.model, ctx.adapter, config)
+    ctx.model, report = merge(ctx.model, plain_adapter(ctx.adapter), config)
     report.input_hash = ctx.adapter_sha256
     report.output_hash = base_content_hash(ctx.model)
     return report
@@ -116,7 +149,7 @@ def _export(ctx: RunContext, config) -> StageReport:
 
 
 def _validate(ctx: RunContext, config) -> StageReport:
-    reference = reference_model(ctx.base_path, ctx.adapter_path)
+    reference = reference_model(ctx.base_path, ctx.reference_adapter or ctx.adapter_path)
     _, report = validate_stage(ctx.work_dir, reference, ctx.tokenizer, config, ctx.progress)
     report.input_hash = ctx.reports[-1].output_hash if ctx.reports else None
     return report
@@ -146,6 +179,13 @@ STAGES: dict[str, Callable[[RunContext, Any], StageReport]] = {
 def register_stage(name: str, runner: Callable[[RunContext, Any], StageReport]) -> None:
     """Plug a later stage (compress, quantize, profile, package) into the pipeline."""
     STAGES[name] = runner
+
+
+# Stages in their own modules register their runner and their profile table when imported. Importing them here,
+# after register_stage exists, makes a profile that names them parse wherever the pipeline is used.
+PLUGIN_STAGES = ("edge_lora.stages.quantize", "edge_lora.stages.profile")
+for _module in PLUGIN_STAGES:
+    importlib.import_module(_module)
 
 
 # ------------------------------------------------------------------------------------------ running
@@ -231,7 +271,8 @@ def run_export(base: str, adapter: str | os.PathLike, profile: str | Profile, ou
 def _raise_on_budget_miss(report: dict, out: Path) -> None:
     if report["status"] == "FAILED":
         misses = "; ".join(report["budget_failures"])
-        raise BudgetError(f"validation budget missed: {misses}. The artifacts and the report are in {out} "
+        stages = sorted({r["stage"] for r in report["stages"] if r["metrics"].get("budget_failures")})
+        raise BudgetError(f"{'/'.join(stages)} budget missed: {misses}. The artifacts and the report are in {out} "
                           f"({REPORT_MD}, marked FAILED); do not ship them.")
 
 
@@ -303,6 +344,7 @@ def run_validate(folder: str | os.PathLike, overrides: list[str] | None = None, 
         raise CompatibilityError(f"the adapter at {adapter_path} changed since {folder} was exported (sha256 differs "
                                  "from edge_lora.json); re-export instead of re-validating.")
     ctx = RunContext(profile=profile, base_spec=meta["base"], adapter_path=adapter_path, work_dir=folder,
+                     reference_adapter=Path(meta.get("reference_adapter") or adapter_path),
                      base_path=Path(meta["base_path"]), base_sha256=meta.get("base_sha256"),
                      adapter_sha256=meta.get("adapter_sha256"))
     started = time.perf_counter()

@@ -113,3 +113,43 @@ def test_cli_help_describes_export_and_validate(capsys):
         with pytest.raises(SystemExit):
             build_parser().parse_args([verb, "--help"])
     assert "--profile" in capsys.readouterr().out
+
+
+def test_compressed_adapter_exports_hotswap_with_shared_factors(inputs, tmp_path):
+    """`export --adapter DIR` takes a folder written by `compress`: the hot-swap export keeps its shared factor
+    as one graph input, the adapter file holds it once, and validation compares with the original adapter."""
+    import onnxruntime as ort
+
+    from edge_lora.adapter import load_peft
+    from edge_lora.stages.compress import CompressConfig, compress
+
+    compressed, _ = compress(load_peft(inputs / "adapter"), CompressConfig(budget=0.3, structure="shared-out"))
+    compressed.source = str(inputs / "adapter")
+    compressed.save(tmp_path / "compressed")
+    out = tmp_path / "out"
+    report = run_export(inputs / "llama", tmp_path / "compressed", "cpu-hotswap", out, show_progress=False,
+                        overrides=["validate.min_top1_agreement=0", "validate.max_mean_kl=10",
+                                   "validate.min_generation_agreement=0", "validate.max_hidden_rel_error=10"])
+    meta = json.loads((out / "edge_lora.json").read_text())
+    assert meta["reference_adapter"] == str(inputs / "adapter")
+    params = ort.AdapterFormat.read_adapter(str(out / "adapter.onnx_adapter")).get_parameters()
+    shared = [n for n in params if n.endswith(".U")]
+    assert shared and len(shared) == len(set(shared)) <= 7          # one U per module type, not per layer
+    validate = next(s for s in report["stages"] if s["stage"] == "validate")
+    assert 0 < validate["metrics"]["mean_kl"] < 10                   # lossy against the original, and measured
+    again = run_validate(out, show_progress=False, overrides=["validate.min_top1_agreement=0",
+                                                              "validate.max_mean_kl=10",
+                                                              "validate.min_generation_agreement=0"])
+    assert again["status"] == "PASSED"
+
+
+def test_compressed_adapter_without_its_original_is_refused(inputs, tmp_path):
+    from edge_lora.adapter import load_peft
+    from edge_lora.stages.compress import CompressConfig, compress
+
+    compressed, _ = compress(load_peft(inputs / "adapter"), CompressConfig(budget=0.3, structure="shared-out"))
+    compressed.source = str(tmp_path / "gone")
+    compressed.save(tmp_path / "compressed")
+    with pytest.raises(CompatibilityError, match="original adapter"):
+        run_export(inputs / "llama", tmp_path / "compressed", "cpu-hotswap", tmp_path / "out", show_progress=False)
+    assert not (tmp_path / "out").exists()

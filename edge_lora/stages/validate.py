@@ -226,7 +226,8 @@ def validate(export_dir: str | Path, reference, tokenizer, config: ValidateConfi
 
     task = config.task
     if task == "auto":
-        task = adapter_task(meta.get("adapter_source")) if causal and tokenizer is not None else None
+        source = meta.get("reference_adapter") or meta.get("adapter_source")   # the original knows its task
+        task = adapter_task(source) if causal and tokenizer is not None else None
         if task is None:
             skipped.append("task metric: the adapter names no task (metrics.json) or the model is not a causal "
                            "LM with a tokenizer")
