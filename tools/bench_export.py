@@ -211,6 +211,7 @@ def profile_decode(folder: Path, adapter_file: Path | None, threads: int, n_toke
     steps = n_tokens + 1
     return {"kernel_ms_per_step": total_us / 1e3 / steps, "lora_ms_per_step": lora_us / 1e3 / steps,
             "kernels_per_step": kernels / steps,
+            "ms_per_step_by_op": {k: v / 1e3 / steps for k, v in by_op.items()},
             "top_ops_ms_per_step": dict(sorted(((k, v / 1e3 / steps) for k, v in by_op.items()),
                                                key=lambda kv: -kv[1])[:6])}
 
