@@ -26,7 +26,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tools"))
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# OMP_WAIT_POLICY is left as the caller set it: llama.cpp's threads are an OpenMP pool that sleeps between ops
+# under PASSIVE (decode 3.2x slower, measured) once torch has loaded libgomp with it; unset, libgomp spins
+# briefly and then sleeps, which slows neither runtime. Run this on a quiet machine.
 from benchmarks_md import write_section
 
 
