@@ -11,7 +11,7 @@ measures what the quantization cost against the PyTorch reference).
   classic ``quantize_dynamic`` (per-channel int8 weights, per-tensor int8 activations at run time) is available
   as ``method = "dynamic"`` but measured top-1 0.87: LLM activations have outliers a per-tensor scale cannot hold.
 - ``accuracy_level = 4`` lets MatMulNBits quantize activations per block to int8 and use integer dot products;
-  with 0 (fp32 compute) the 8-bit kernels were 10× slower on this CPU.
+  with 0 (fp32 compute) an 8-bit model decoded 5× slower than the fp32 model itself (busy machine).
 
 Only MatMuls with a constant weight are quantized. A hot-swap export's LoRA branches take their factors as
 graph inputs: those MatMuls are left alone, so the adapter keeps its own precision (the issue's "quantize the
