@@ -336,24 +336,31 @@ def converters_dir() -> Path:
                               f"{BUILD_HINT}")
 
 
-def _run_converter(script: str, args: list[str], out: Path, what: str, error_cls) -> Path:
-    out = Path(out)
+@contextlib.contextmanager
+def _output_file(out: Path):
+    """Yield a temp path beside ``out``; renamed to ``out`` when the block succeeds, removed otherwise, so an
+    interrupted conversion never leaves a file that looks done."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    # Written beside the target and renamed, so an interrupted conversion never leaves a file that looks done.
     fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".partial", dir=out.parent)
     os.close(fd)
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     try:
-        proc = subprocess.run([sys.executable, str(converters_dir() / script), *args, "--outfile", tmp],
-                              check=False, capture_output=True, text=True, env=env)
-        if proc.returncode != 0:
-            tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-12:])
-            raise error_cls(f"llama.cpp's {script} failed converting {what} (exit {proc.returncode}):\n{tail}")
+        yield tmp
         os.chmod(tmp, 0o644)  # mkstemp makes it 0600; a model file is not secret
         os.replace(tmp, out)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _run_converter(script: str, args: list[str], out: Path, what: str, error_cls) -> Path:
+    out = Path(out)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    with _output_file(out) as tmp:
+        proc = subprocess.run([sys.executable, str(converters_dir() / script), *args, "--outfile", tmp],
+                              check=False, capture_output=True, text=True, env=env)
+        if proc.returncode != 0:
+            tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-12:])
+            raise error_cls(f"llama.cpp's {script} failed converting {what} (exit {proc.returncode}):\n{tail}")
     return out
 
 
@@ -430,22 +437,14 @@ def quantize_gguf(src: str | os.PathLike, out_path: str | os.PathLike, qtype: st
         raise ModelError(f"qtype must be one of {', '.join(QUANT_FTYPES)}, not {qtype!r}.")
     if not src.is_file():
         raise ModelError(f"GGUF model {src} does not exist.")
-    out.parent.mkdir(parents=True, exist_ok=True)
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, QUANT_FTYPES[qtype])
     params.nthread = threads
     params.allow_requantize = True
-    fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".partial", dir=out.parent)
-    os.close(fd)
-    try:
+    with _output_file(out) as tmp:
         # llama.cpp logs every tensor at INFO through llama_cpp's log callback; keep only errors, as Llama does.
         with _llama_log_level(logging.ERROR):
             rc = llama_cpp.llama_model_quantize(str(src).encode(), tmp.encode(), ctypes.byref(params))
         if rc != 0:
             raise ModelError(f"llama.cpp could not quantize {src} to {qtype} (llama_model_quantize returned {rc}).")
-        os.chmod(tmp, 0o644)  # mkstemp makes it 0600; a model file is not secret
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return out

@@ -144,6 +144,20 @@ def read_meta(folder: str | os.PathLike) -> dict:
     return json.loads(path.read_text())
 
 
+def update_meta(folder: str | os.PathLike, set_keys: dict, drop_keys: tuple[str, ...] = ()) -> dict:
+    """Rewrite edge_lora.json with ``set_keys`` set and ``drop_keys`` removed (temp file + rename: a crash leaves
+    the old file, never half of one). Later stages (quantize) record here what they did to the export."""
+    path = Path(folder) / META_FILE
+    meta = read_meta(folder)
+    meta.update(set_keys)
+    for key in drop_keys:
+        meta.pop(key, None)
+    tmp = path.with_name(f".{META_FILE}.tmp")
+    tmp.write_text(json.dumps(meta, indent=2) + "\n")
+    os.replace(tmp, path)
+    return meta
+
+
 def _save_side_files(model, tokenizer, out_dir: Path) -> None:
     model.config.save_pretrained(out_dir)   # optimum writes it too; ours has the merge's untying
     if tokenizer is not None:

@@ -29,7 +29,6 @@ BitwiseAnd / BitShift / Concat before a uint8 DequantizeLinear with zero point 8
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
@@ -376,7 +375,7 @@ def _save(model, model_path: Path, out_path: Path) -> None:
 def quantize_hotswap_folder(src: str | os.PathLike, dst: str | os.PathLike,
                             cfg: HotswapQuantConfig = HotswapQuantConfig()) -> list[str]:
     """Copy a hot-swap export folder (without its float adapter file) and quantize the copy's graph."""
-    from edge_lora.stages.export_onnx import ADAPTER_FILE, META_FILE, MODEL_FILE
+    from edge_lora.stages.export_onnx import ADAPTER_FILE, META_FILE, MODEL_FILE, update_meta
 
     src, dst = Path(src), Path(dst)
     if dst.exists() and any(dst.iterdir()):
@@ -386,15 +385,11 @@ def quantize_hotswap_folder(src: str | os.PathLike, dst: str | os.PathLike,
         if p.is_file() and p.name != ADAPTER_FILE:
             shutil.copy2(p, dst / p.name)
     replaced = quantize_hotswap_graph(dst / MODEL_FILE, cfg)
-    meta_path = dst / META_FILE
-    if meta_path.is_file():
+    if (dst / META_FILE).is_file():
         # edge_lora.json's lora_inputs still names the float factors: record what an adapter file must carry now
-        meta = json.loads(meta_path.read_text())
-        meta["lora_quant"] = {"bits": cfg.bits, "group_size": cfg.group_size,
-                              "inputs": {n: list(quantized_input_names(n)) for n in replaced}}
-        meta.pop("adapter_file", None)
-        meta.pop("adapter_parameters", None)
-        meta_path.write_text(json.dumps(meta, indent=2) + "\n")
+        update_meta(dst, {"lora_quant": {"bits": cfg.bits, "group_size": cfg.group_size,
+                                         "inputs": {n: list(quantized_input_names(n)) for n in replaced}}},
+                    drop_keys=("adapter_file", "adapter_parameters"))
     return replaced
 
 

@@ -22,7 +22,6 @@ that the head can be quantized while the ``Gather`` keeps its table, or quantize
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -309,14 +308,10 @@ def quantize_base(model_path: str | os.PathLike, config: QuantizeConfig) -> tupl
 
 def record_in_meta(folder: Path, summary: dict) -> None:
     """edge_lora.json says how the base was quantized (the profiler and OTA packer label numbers with it)."""
-    from edge_lora.stages.export_onnx import META_FILE
+    from edge_lora.stages.export_onnx import update_meta
 
-    path = folder / META_FILE
-    meta = json.loads(path.read_text())
-    meta["base_quantization"] = {k: v for k, v in summary.items() if k not in ("bytes_before", "ops_after")}
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(meta, indent=2) + "\n")
-    os.replace(tmp, path)
+    update_meta(folder, {"base_quantization": {k: v for k, v in summary.items()
+                                               if k not in ("bytes_before", "ops_after")}})
 
 
 # ------------------------------------------------------------------------------------------ the adapter file
@@ -397,14 +392,9 @@ def quantize_adapter(folder: str | os.PathLike, config: QuantizeConfig, adapter=
 
 def record_adapter_in_meta(folder: Path, summary: dict) -> None:
     """edge_lora.json says how the adapter file is stored (load-time: a float graph expands it at load)."""
-    from edge_lora.stages.export_onnx import META_FILE
+    from edge_lora.stages.export_onnx import update_meta
 
-    path = folder / META_FILE
-    meta = json.loads(path.read_text())
-    meta["adapter_quantization"] = summary
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(meta, indent=2) + "\n")
-    os.replace(tmp, path)
+    update_meta(folder, {"adapter_quantization": summary})
 
 
 def _stage(ctx, config: QuantizeConfig) -> StageReport:
