@@ -29,7 +29,7 @@ def _add_inspect(sub) -> None:
 
 
 def _run_inspect(args) -> int:
-    from edge_lora import inspection
+    from edge_lora.adapter import inspection
 
     report = inspection.inspect_adapter(args.adapter, base=args.base)
     if args.json:
@@ -54,7 +54,7 @@ def _add_models(sub) -> None:
 
 
 def _run_models(args) -> int:
-    from edge_lora import models
+    from edge_lora import base as models
 
     path = models.resolve_base(args.base)
     print(path)

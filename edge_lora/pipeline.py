@@ -25,9 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edge_lora.atomic import replace_folder
+from edge_lora.files import replace_folder
 from edge_lora.errors import BudgetError, CompatibilityError, EdgeLoraError
-from edge_lora.profiles import Profile, load_profile
+from edge_lora.config import Profile, load_profile
 from edge_lora.report import StageReport
 
 REPORT_JSON = "report.json"
@@ -84,7 +84,7 @@ def load_adapter_folder(folder: Path):
     (compressed.safetensors) is exported as it is, shared factors included, and validated against the original
     adapter it was compressed from (its header's ``source``): the reference is always the uncompressed adapter."""
     from edge_lora.adapter import load_peft
-    from edge_lora.compressed import CompressedAdapter
+    from edge_lora.adapter.compressed import CompressedAdapter
 
     if not (folder / COMPRESSED_FILE).is_file():
         return load_peft(folder), folder
@@ -101,7 +101,7 @@ def load_adapter_folder(folder: Path):
 def _load(ctx: RunContext) -> StageReport:
     """Adapter, base and their compatibility: every user mistake here fails before any export work."""
     from edge_lora.adapter import check_compatible
-    from edge_lora.models import base_content_hash, load_base, resolve_base
+    from edge_lora.base import base_content_hash, load_base, resolve_base
 
     start = time.perf_counter()
     ctx.adapter, ctx.reference_adapter = load_adapter_folder(ctx.adapter_path)
@@ -123,7 +123,7 @@ def plain_adapter(adapter):
 
 
 def _merge(ctx: RunContext, config) -> StageReport:
-    from edge_lora.models import base_content_hash
+    from edge_lora.base import base_content_hash
     from edge_lora.stages.merge import merge
 
     ctx.model, report = merge(ctx.model, plain_adapter(ctx.adapter), config)
@@ -165,7 +165,7 @@ def reference_model(base_path, adapter_path):
     """The PyTorch base with the original PEFT adapter: the reference every export is judged against."""
     from peft import PeftModel
 
-    from edge_lora.models import load_base
+    from edge_lora.base import load_base
 
     base, _ = load_base(base_path)
     return PeftModel.from_pretrained(base, str(adapter_path)).eval()
@@ -183,7 +183,7 @@ def register_stage(name: str, runner: Callable[[RunContext, Any], StageReport]) 
 
 # Stages in their own modules register their runner and their profile table when imported. Importing them here,
 # after register_stage exists, makes a profile that names them parse wherever the pipeline is used.
-PLUGIN_STAGES = ("edge_lora.stages.quantize", "edge_lora.stages.profile")
+PLUGIN_STAGES = ("edge_lora.stages.quantize_base", "edge_lora.stages.profile")
 for _module in PLUGIN_STAGES:
     importlib.import_module(_module)
 
@@ -327,7 +327,7 @@ def render_markdown(report: dict) -> str:
 
 def run_validate(folder: str | os.PathLike, overrides: list[str] | None = None, show_progress: bool = True) -> dict:
     """Re-run validation of an existing export folder and update its report (same budgets, plus --set)."""
-    from edge_lora.profiles import parse_overrides, parse_profile
+    from edge_lora.config import parse_overrides, parse_profile
     from edge_lora.stages.export_onnx import read_meta
 
     folder = Path(folder)

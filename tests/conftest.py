@@ -35,7 +35,7 @@ def make_peft_adapter(kind: str, lora_kwargs: dict, folder, seed: int = 0):
     (base model, peft model). Random factors are right here: these tests check exact import, not compression."""
     from peft import LoraConfig, get_peft_model
 
-    from edge_lora.models import tiny_model
+    from edge_lora.base import tiny_model
 
     base = tiny_model(kind, seed=seed)
     peft_model = get_peft_model(base, LoraConfig(init_lora_weights=False, **lora_kwargs))

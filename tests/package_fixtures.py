@@ -25,7 +25,7 @@ def make_adapter(folder, seed: int = 1, change_layer: int | None = None, change_
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from edge_lora.models import tiny_model
+    from edge_lora.base import tiny_model
 
     model = get_peft_model(tiny_model("llama", seed=base_seed),
                            LoraConfig(r=r, lora_alpha=2 * r, target_modules=TARGETS, init_lora_weights=False))
@@ -79,7 +79,7 @@ class Ctx:
 
 @pytest.fixture(scope="session")
 def ota(tmp_path_factory):
-    from edge_lora.models import base_content_hash, tiny_model
+    from edge_lora.base import base_content_hash, tiny_model
     from edge_lora.stages.package import build_package
 
     d = tmp_path_factory.mktemp("ota")
@@ -130,8 +130,8 @@ def make_hotswap_export(folder, adapter_dir, base_seed: int = 0, base_hash: str 
     beside it as adapter.onnx_adapter (what `export --profile cpu-hotswap` writes). ``base_hash`` goes into
     edge_lora.json as base_sha256, as the pipeline records it."""
     from edge_lora.adapter import load_peft
-    from edge_lora.models import tiny_model
-    from edge_lora.profiles import ExportConfig
+    from edge_lora.base import tiny_model
+    from edge_lora.config import ExportConfig
     from edge_lora.stages.export_onnx import export_hotswap
 
     folder = Path(folder)
@@ -145,7 +145,7 @@ def make_hotswap_export(folder, adapter_dir, base_seed: int = 0, base_hash: str 
 def ota_ort(tmp_path_factory):
     """Keys, a tiny base, two PEFT adapters (x, y), a hot-swap export of the base with x, and a hot-swap export
     of another tiny model (the wrong export for the device)."""
-    from edge_lora.models import base_content_hash, tiny_model
+    from edge_lora.base import base_content_hash, tiny_model
 
     d = tmp_path_factory.mktemp("ota-ort")
     c = Ctx()

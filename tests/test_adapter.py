@@ -10,7 +10,7 @@ from peft import PeftModel
 
 from edge_lora.adapter import check_compatible, compatibility_problems, load_peft, save_peft
 from edge_lora.errors import AdapterError, CompatibilityError
-from edge_lora.models import tiny_model
+from edge_lora.base import tiny_model
 from edge_lora.stages.canonicalize import canonicalize
 
 from conftest import ADAPTER_TABLE, make_peft_adapter, model_output

@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 from conftest import ADAPTER_TABLE, make_peft_adapter
-from edge_lora.models import tiny_model
+from edge_lora.base import tiny_model
 
 
 def run_cli(*args):

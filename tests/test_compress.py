@@ -12,7 +12,7 @@ import torch
 from conftest import ADAPTER_TABLE, make_peft_adapter, model_output
 
 from edge_lora.adapter import Adapter, LoraModule, load_peft, save_peft
-from edge_lora.compressed import CompressedAdapter, module_chain
+from edge_lora.adapter.compressed import CompressedAdapter, module_chain
 from edge_lora.errors import AdapterError, BudgetError
 from edge_lora.stages import tensorize as tz
 from edge_lora.stages.compress import CompressConfig, compress, markdown_report, write_plots
@@ -127,7 +127,7 @@ def _merged_output(base, compressed: CompressedAdapter):
 def test_peft_loads_expansion_and_outputs_match(tmp_path, case):
     from peft import PeftModel
 
-    from edge_lora.models import tiny_model
+    from edge_lora.base import tiny_model
 
     kind, kwargs = ADAPTER_TABLE[case]
     make_peft_adapter(kind, kwargs, tmp_path / "orig")
@@ -161,7 +161,7 @@ def test_cli_writes_everything(tmp_path, capsys):
 # ------------------------------------------------------------------------------------------ CLI: --bits
 def _dequantized_output(kind, quantized_file):
     """The base plus each module's dequantized B·A added by hand: what the quantized file stands for."""
-    from edge_lora.models import tiny_model
+    from edge_lora.base import tiny_model
     from edge_lora.stages.quantize_factors import load_quantized
 
     model = tiny_model(kind, seed=0)
@@ -178,7 +178,7 @@ def test_cli_bits_peft_scores_exactly_the_quantized_file(tmp_path, capsys, bits,
     from peft import PeftModel
 
     from edge_lora.cli import main
-    from edge_lora.models import tiny_model
+    from edge_lora.base import tiny_model
 
     kind, kwargs = ADAPTER_TABLE["llama-all7"]
     make_peft_adapter(kind, kwargs, tmp_path / "orig")
@@ -342,7 +342,7 @@ def test_different_ranks_in_one_group():
 def test_smollm2_demo_adapter_round_trip(tmp_path):
     from peft import PeftModel
 
-    from edge_lora.models import cache_dir, load_base
+    from edge_lora.base import cache_dir, load_base
 
     folder = cache_dir() / "adapters" / "date-iso-r16"
     if not (folder / "adapter_model.safetensors").is_file():
@@ -362,7 +362,7 @@ def test_smollm2_demo_adapter_round_trip(tmp_path):
 
 
 def test_output_error_budget_with_hooked_calibration(tmp_path):
-    from edge_lora.models import tiny_model
+    from edge_lora.base import tiny_model
     from edge_lora.stages.compress import collect_calibration
 
     kind, kwargs = ADAPTER_TABLE["llama-all7"]

@@ -12,8 +12,8 @@ from conftest import ADAPTER_TABLE, make_peft_adapter
 
 from edge_lora.adapter import load_peft
 from edge_lora.errors import AdapterError, CompatibilityError
-from edge_lora.models import tiny_model
-from edge_lora.profiles import ExportConfig
+from edge_lora.base import tiny_model
+from edge_lora.config import ExportConfig
 from edge_lora.runtimes.hotswap import HotswapSession
 from edge_lora.runtimes.ort_session import full_feeds, load_session
 from edge_lora.stages.export_onnx import (
@@ -273,7 +273,7 @@ def test_compressed_shared_factors_are_single_inputs(tmp_path, structure):
     shared factor, used by every layer's branch; outputs == the PEFT expansion of the compressed adapter."""
     import onnxruntime as ort
 
-    from edge_lora.compressed import CompressedAdapter
+    from edge_lora.adapter.compressed import CompressedAdapter
     from edge_lora.stages.compress import CompressConfig, compress
 
     kind, kwargs = ADAPTER_TABLE["llama-all7"]
@@ -335,7 +335,7 @@ def test_fuse_pass_on_a_handmade_graph(tmp_path, opset):
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    from edge_lora.stages.fuse import fuse_projections
+    from edge_lora.passes.fuse import fuse_projections
 
     rng = np.random.default_rng(0)
     w = {f"w{i}": rng.standard_normal((8, d)).astype(np.float32) for i, d in enumerate((4, 6, 2))}

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from edge_lora.models import cache_dir
+from edge_lora.base import cache_dir
 
 pytestmark = pytest.mark.slow
 
@@ -19,7 +19,7 @@ def random_adapter(base: str, folder, seed: int, targets, scale: float = 0.002):
     """A PEFT adapter with small random factors: right for equality checks, not for accuracy claims."""
     from peft import LoraConfig, get_peft_model
 
-    from edge_lora.models import load_base
+    from edge_lora.base import load_base
 
     model, _ = load_base(base)
     peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=targets,
@@ -50,8 +50,8 @@ def test_smollm2_demo_adapter_meets_budgets(tmp_path, profile):
 def test_smollm2_hotswap_base_x_y_x(tmp_path):
     """One hot-swap session on SmolLM2: no adapter == PyTorch base, X == PEFT X, Y == PEFT Y, back to X."""
     from edge_lora.adapter import load_peft
-    from edge_lora.models import load_base
-    from edge_lora.profiles import ExportConfig
+    from edge_lora.base import load_base
+    from edge_lora.config import ExportConfig
     from edge_lora.runtimes.hotswap import HotswapSession
     from edge_lora.runtimes.ort_session import full_feeds
     from edge_lora.stages.export_onnx import ADAPTER_FILE, export_hotswap, write_ort_adapter
@@ -98,8 +98,8 @@ def test_smollm2_packed_projections_keep_outputs(tmp_path):
     """SmolLM2 exported with and without packed q/k/v and gate/up: same logits, 2 of 5 MatMuls per layer."""
     import onnx
 
-    from edge_lora.models import load_base
-    from edge_lora.profiles import ExportConfig
+    from edge_lora.base import load_base
+    from edge_lora.config import ExportConfig
     from edge_lora.runtimes.ort_session import full_feeds, load_session
     from edge_lora.stages.export_onnx import export_merged
 

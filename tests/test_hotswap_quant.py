@@ -15,8 +15,8 @@ from onnx import TensorProto, helper
 
 from edge_lora.adapter import load_peft
 from edge_lora.errors import AdapterError
-from edge_lora.models import tiny_model
-from edge_lora.profiles import ExportConfig
+from edge_lora.base import tiny_model
+from edge_lora.config import ExportConfig
 from edge_lora.runtimes.hotswap import HotswapSession
 from edge_lora.runtimes.ort_session import full_feeds
 from edge_lora.stages.canonicalize import canonicalize

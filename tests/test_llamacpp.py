@@ -79,7 +79,7 @@ def llama_cpp():
 
 @pytest.fixture(scope="module")
 def smollm2():
-    from edge_lora.models import load_base
+    from edge_lora.base import load_base
 
     torch.set_num_threads(2)
     return load_base("smollm2")
@@ -88,7 +88,7 @@ def smollm2():
 @pytest.fixture(scope="module")
 def ggufs(llama_cpp, tmp_path_factory):
     """The packaged Q4_1 and llama.cpp's own F32 de-quantization of it (= the weights of our fp32 HF folder)."""
-    from edge_lora.models import smollm2_gguf_path
+    from edge_lora.base import smollm2_gguf_path
 
     q41 = smollm2_gguf_path()
     f32 = lc.quantize_gguf(q41, tmp_path_factory.mktemp("gguf") / "smollm2-F32.gguf", "F32")
@@ -97,7 +97,7 @@ def ggufs(llama_cpp, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def adapter_dir():
-    from edge_lora.models import cache_dir
+    from edge_lora.base import cache_dir
 
     folder = cache_dir() / "adapters" / "date-iso-r16"
     if not (folder / "adapter_model.safetensors").is_file():  # trains once (~15 min), as test_real_models does
@@ -109,7 +109,7 @@ def adapter_dir():
 
 @pytest.fixture(scope="module")
 def gguf_lora(llama_cpp, adapter_dir, tmp_path_factory):
-    from edge_lora.models import resolve_base
+    from edge_lora.base import resolve_base
 
     return lc.peft_to_gguf_lora(adapter_dir, resolve_base("smollm2"), tmp_path_factory.mktemp("lora") / "r16.gguf")
 
@@ -193,7 +193,7 @@ def test_gguf_lora_changes_the_answer_like_pytorch(ggufs, smollm2, adapter_dir, 
     from peft import PeftModel
 
     from edge_lora.eval import make_examples, normalize, prompt_text, target_text, torch_greedy_generate
-    from edge_lora.models import load_base
+    from edge_lora.base import load_base
 
     _, tokenizer = smollm2
     peft_model = PeftModel.from_pretrained(load_base("smollm2")[0], str(adapter_dir)).eval()

@@ -8,7 +8,7 @@ from conftest import model_output
 
 from edge_lora.adapter import load_peft
 from edge_lora.errors import AdapterError, CompatibilityError
-from edge_lora.models import tiny_model
+from edge_lora.base import tiny_model
 from edge_lora.stages.merge import merge
 
 # PEFT cannot merge these rows: lora_bias on a bias-less layer raises, and LoRA on an embedding tied to lm_head

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from edge_lora.errors import ModelError
-from edge_lora.models import base_content_hash, load_base, resolve_base, tiny_model
+from edge_lora.base import base_content_hash, load_base, resolve_base, tiny_model
 
 
 @pytest.mark.parametrize("kind", ["llama", "bert", "gpt2"])

@@ -33,7 +33,7 @@ from edge_lora.stages.package import build_package
 def _logits(adapter_dir, base_seed=0):
     from peft import PeftModel
 
-    from edge_lora.models import tiny_model
+    from edge_lora.base import tiny_model
 
     model = PeftModel.from_pretrained(tiny_model("llama", seed=base_seed), str(adapter_dir)).eval()
     ids = torch.tensor([[1, 5, 9, 33, 70, 2, 127, 64]])
@@ -173,7 +173,7 @@ def test_packager_refuses_bad_adapters(ota, tmp_path):
     save_file(t, bad / "adapter_model.safetensors")
     with pytest.raises(PackageError, match="NaN or Inf"):
         build_package(bad, ota.priv, 1, ota.base, tmp_path / "x", base_hash=ota.base_hash, probes=("factors",))
-    from edge_lora.models import tiny_model
+    from edge_lora.base import tiny_model
 
     bert = tmp_path / "bert"
     tiny_model("bert").save_pretrained(str(bert))

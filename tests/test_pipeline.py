@@ -8,7 +8,7 @@ import pytest
 from conftest import ADAPTER_TABLE, make_peft_adapter
 
 from edge_lora.errors import CompatibilityError, EdgeLoraError, ProfileError
-from edge_lora.models import tiny_model
+from edge_lora.base import tiny_model
 from edge_lora.pipeline import run_export, run_validate
 
 

@@ -13,8 +13,8 @@ from conftest import ADAPTER_TABLE, make_peft_adapter
 from edge_lora.adapter import load_peft
 from edge_lora.cli import main
 from edge_lora.errors import BudgetError, ProfileError
-from edge_lora.models import tiny_model
-from edge_lora.profiles import ExportConfig
+from edge_lora.base import tiny_model
+from edge_lora.config import ExportConfig
 from edge_lora.runtimes import Runner, SwapRunner, open_runner
 from edge_lora.runtimes.mobile import MobileRunner
 from edge_lora.runtimes.ort_cpu import OrtCpuRunner
@@ -224,7 +224,7 @@ def test_open_runner_names_the_runtime(exports):
 
 def test_mobile_int4_profile_parses():
     import edge_lora.pipeline  # noqa: F401  (registers the quantize and profiling tables)
-    from edge_lora.profiles import load_profile
+    from edge_lora.config import load_profile
 
     profile = load_profile("mobile-int4")
     assert profile.stages[-1] == "profiling" and profile.config("profiling").runtime == "mobile"
@@ -236,7 +236,7 @@ def test_mobile_int4_profile_parses():
 @pytest.mark.slow
 def test_smollm2_hotswap_profile(tmp_path):
     """SmolLM2 hot-swap export (no validation), profiled on the mobile emulation (ORT format)."""
-    from edge_lora.models import cache_dir
+    from edge_lora.base import cache_dir
     from edge_lora.pipeline import run_export
 
     adapter = cache_dir() / "adapters" / "date-iso-r16"

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from edge_lora.errors import ProfileError
-from edge_lora.profiles import (
+from edge_lora.config import (
     ExportConfig,
     MergeConfig,
     ValidateConfig,

@@ -13,15 +13,15 @@ from conftest import ADAPTER_TABLE, make_peft_adapter
 
 from edge_lora.adapter import load_peft
 from edge_lora.errors import ModelError, ProfileError
-from edge_lora.models import tiny_model
-from edge_lora.profiles import ExportConfig, load_profile
+from edge_lora.base import tiny_model
+from edge_lora.config import ExportConfig, load_profile
 from edge_lora.runtimes.hotswap import HotswapSession
 from edge_lora.runtimes.ort_session import full_feeds, load_session
 from edge_lora.stages.export_onnx import ADAPTER_FILE, MODEL_FILE, export_hotswap, export_merged
 from edge_lora.stages.hotswap_quant import is_quantized_adapter
 from edge_lora.stages.merge import merge
-from edge_lora.stages.quantize import QuantizeConfig, QuantizeConfigError, quantize_base
-from edge_lora.stages.quantize import _stage as quantize_stage
+from edge_lora.stages.quantize_base import QuantizeConfig, QuantizeConfigError, quantize_base
+from edge_lora.stages.quantize_base import _stage as quantize_stage
 
 IDS = np.random.default_rng(0).integers(0, 128, size=(2, 9))
 

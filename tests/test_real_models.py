@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from edge_lora.adapter import check_compatible, load_peft, save_peft
-from edge_lora.models import base_content_hash, load_base, materialize_smollm2, minilm_path
+from edge_lora.base import base_content_hash, load_base, materialize_smollm2, minilm_path
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,7 +60,7 @@ def test_minilm_gives_meaningful_embeddings():
 def test_trained_adapter_imports_exactly_and_roundtrips_through_peft(smollm2, variant, tmp_path):
     from peft import PeftModel
 
-    from edge_lora.models import load_base as fresh_base
+    from edge_lora.base import load_base as fresh_base
 
     model, tokenizer = smollm2
     folder = demo_adapter(variant)

@@ -119,7 +119,7 @@ def test_cp_and_tt_fits_meet_the_budget_exactly_measured():
         for name in group.modules:
             B, A = ad.modules[name].B.double() * ad.modules[name].scale, ad.modules[name].A.double()
             ref = B @ A
-            from edge_lora.compressed import module_chain
+            from edge_lora.adapter.compressed import module_chain
             left, core, right = module_chain(group, name)
             approx = left.double() @ core.double() @ right.double()
             dense_err += float(((ref - approx) ** 2).sum())

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from edge_lora.profiles import ValidateConfig
+from edge_lora.config import ValidateConfig
 from edge_lora.stages.validate import budget_failures, eval_ids, hidden_metrics, logits_metrics
 
 

@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from edge_lora.adapter import load_peft, save_peft  # noqa: E402
-from edge_lora.compressed import module_chain  # noqa: E402
+from edge_lora.adapter.compressed import module_chain  # noqa: E402
 from edge_lora.stages.canonicalize import canonicalize  # noqa: E402
 from edge_lora.stages.compress import CompressConfig, compress  # noqa: E402
 from edge_lora.stages.tensorize import planted_adapter  # noqa: E402
@@ -200,7 +200,7 @@ def mean_kl(ref, cand) -> float:
 
 def run_demo(args) -> str:
     from edge_lora import eval as task
-    from edge_lora.models import cache_dir, load_base
+    from edge_lora.base import cache_dir, load_base
 
     torch.set_num_threads(2)
     env = env_line()

@@ -294,7 +294,7 @@ def main() -> None:
 
     import onnxruntime as ort
 
-    from edge_lora.models import cache_dir, load_base
+    from edge_lora.base import cache_dir, load_base
     from edge_lora.stages.export_onnx import ADAPTER_FILE, export_merged
 
     adapter = args.adapter or str(cache_dir() / "adapters" / "date-iso-r16")

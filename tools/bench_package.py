@@ -35,7 +35,7 @@ DEMO_ADAPTERS = ("date-iso-r16", "date-iso-patterns")
 
 
 def find_adapter(arg: str | None) -> Path | None:
-    from edge_lora.models import cache_dir
+    from edge_lora.base import cache_dir
 
     if arg:
         return Path(arg)
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
 
     adapter = find_adapter(args.adapter)
     if adapter is None or not (adapter / "adapter_model.safetensors").is_file():
-        from edge_lora.models import cache_dir
+        from edge_lora.base import cache_dir
 
         where = args.adapter or f"{cache_dir() / 'adapters'}/{{{','.join(DEMO_ADAPTERS)}}}"
         print(f"No trained demo adapter at {where}. Train one first:\n    python tools/train_demo_adapter.py\n"
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
-    from edge_lora.models import base_content_hash, resolve_base
+    from edge_lora.base import base_content_hash, resolve_base
     from edge_lora.ota.install import install, verify_package
     from edge_lora.ota.keys import keygen, load_private_key, load_public_key
     from edge_lora.ota.manifest import open_package

@@ -66,7 +66,7 @@ def build_variants(args, notes: list[str]) -> list:
     if why_not:
         notes.append(f"no llama.cpp row: {why_not}.")
     else:
-        from edge_lora.models import smollm2_gguf_path
+        from edge_lora.base import smollm2_gguf_path
 
         gguf = args.gguf or str(smollm2_gguf_path())
         options = tuple(tuple(o.split("=", 1)) for o in args.llamacpp_opt)

@@ -72,7 +72,7 @@ class Scorer:
 
 def load_scorer(examples: int = 200, kl_examples: int = 24, batch: int = 50) -> Scorer:
     from edge_lora import eval as task
-    from edge_lora.models import load_base
+    from edge_lora.base import load_base
 
     model, tok = load_base("smollm2")
     base_state = {k: v.clone() for k, v in model.state_dict().items()}
@@ -84,7 +84,7 @@ def load_scorer(examples: int = 200, kl_examples: int = 24, batch: int = 50) -> 
 
 
 def adapter_folder(name: str) -> Path:
-    from edge_lora.models import cache_dir
+    from edge_lora.base import cache_dir
 
     return Path(name) if Path(name).is_dir() else cache_dir() / "adapters" / name
 
@@ -187,7 +187,7 @@ def _tiny_adapter(work: Path):
     """A tiny llama and a rank-8 adapter on all 7 module types (PEFT, random non-zero factors)."""
     from peft import LoraConfig, get_peft_model
 
-    from edge_lora.models import tiny_model
+    from edge_lora.base import tiny_model
 
     peft_model = get_peft_model(tiny_model("llama"), LoraConfig(
         r=8, lora_alpha=8, init_lora_weights=False,
@@ -282,8 +282,8 @@ def hotswap_table(base: str, adapter_name: str | None, work: Path, threads: int 
     import shutil
     import statistics
 
-    from edge_lora.models import load_base, tiny_model
-    from edge_lora.profiles import ExportConfig
+    from edge_lora.base import load_base, tiny_model
+    from edge_lora.config import ExportConfig
     from edge_lora.runtimes.hotswap import HotswapSession
     from edge_lora.runtimes.ort_session import full_feeds, probe_ids
     from edge_lora.stages.export_onnx import ADAPTER_FILE, export_hotswap, read_meta

@@ -7,7 +7,7 @@ section of BENCHMARKS.md.
     python tools/bench_quantize_base.py --no-write --rounds 3
 
 1. Exports fp32 merged and fp32 hot-swap once (work folder), then copies and quantizes each with the settings
-   in SETTINGS (edge_lora.stages.quantize).
+   in SETTINGS (edge_lora.stages.quantize_base).
 2. Accuracy of every variant with the validation stage against the PyTorch base + original PEFT adapter: top-1
    agreement and mean KL over 256 positions, task exact match on held-out examples, and retention =
    (candidate − base) / (reference − base).
@@ -37,7 +37,7 @@ sys.path.insert(0, str(REPO / "tools"))
 # libgomp spins briefly and then sleeps: both runtimes run at full speed, which the numbers below assume.
 from benchmarks_md import write_section  # noqa: E402
 
-from edge_lora.stages.quantize import QuantizeConfig  # noqa: E402
+from edge_lora.stages.quantize_base import QuantizeConfig  # noqa: E402
 
 RECOMMENDED = dict(base="int4", block_size=32, int8_modules=["down_proj", "v_proj"], lm_head="int8",
                    embedding="int4")
@@ -62,7 +62,7 @@ def slug(label: str, mode: str) -> str:
 
 def export_once(mode: str, base: str, adapter: str, out: Path) -> Path:
     from edge_lora.pipeline import run_export
-    from edge_lora.profiles import parse_profile
+    from edge_lora.config import parse_profile
 
     if (out / "edge_lora.json").is_file():
         return out
@@ -74,7 +74,7 @@ def export_once(mode: str, base: str, adapter: str, out: Path) -> Path:
 
 
 def build_variants(work: Path, base: str, adapter: str) -> list[dict]:
-    from edge_lora.stages.quantize import quantize_base, record_in_meta
+    from edge_lora.stages.quantize_base import quantize_base, record_in_meta
 
     sources = {m: export_once(m, base, adapter, work / f"{m}-fp32-src") for m in ("merged", "hotswap")}
     variants = []
@@ -99,7 +99,7 @@ def accuracy(variants: list[dict], base_path: str, adapter: str, examples: int) 
     from transformers import AutoTokenizer
 
     from edge_lora.pipeline import reference_model
-    from edge_lora.profiles import ValidateConfig
+    from edge_lora.config import ValidateConfig
     from edge_lora.stages.validate import validate
 
     reference = reference_model(base_path, adapter)
@@ -230,7 +230,7 @@ def render(variants: list[dict], timed: dict, args, machine: str) -> str:
 
 
 def main() -> None:
-    from edge_lora.models import cache_dir, resolve_base, smollm2_gguf_path
+    from edge_lora.base import cache_dir, resolve_base, smollm2_gguf_path
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--adapter", default=str(cache_dir() / "adapters" / "date-iso-r16"))

@@ -53,7 +53,7 @@ def build_fixtures(work: Path) -> dict:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from package_fixtures import make_adapter
 
-    from edge_lora.models import base_content_hash, tiny_model
+    from edge_lora.base import base_content_hash, tiny_model
     from edge_lora.ota.install import install
     from edge_lora.ota.keys import keygen, load_private_key, load_public_key
     from edge_lora.stages.package import build_package

@@ -27,8 +27,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch
 
 from edge_lora import eval as task
-from edge_lora.atomic import atomic_folder  # noqa: E402
-from edge_lora.models import base_content_hash, cache_dir, load_base, materialize_smollm2
+from edge_lora.files import atomic_folder  # noqa: E402
+from edge_lora.base import base_content_hash, cache_dir, load_base, materialize_smollm2
 
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

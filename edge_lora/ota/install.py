@@ -152,7 +152,7 @@ def device_base_hash(root, base=None) -> tuple[str, str]:
         text = str(base)
         if _HEX64.fullmatch(text):
             return text, "--base (hash)"
-        from edge_lora.models import base_content_hash, resolve_base
+        from edge_lora.base import base_content_hash, resolve_base
 
         path = resolve_base(text)
         return base_content_hash(path), str(path)
@@ -329,7 +329,7 @@ def install(source, public_key, root, base=None, limits: Limits = DEFAULT_LIMITS
         raise InstallRootError(f"Install root {root} does not exist; create it first (mkdir -p {root}).")
     probe_base = None
     if base is not None and not _HEX64.fullmatch(str(base)):
-        from edge_lora.models import resolve_base
+        from edge_lora.base import resolve_base
 
         probe_base = resolve_base(str(base))
     if base is None:
@@ -431,7 +431,7 @@ def rollback(root, adapter_id: str, to: int | None = None, public_key=None, base
         files = {f["name"]: read(f["name"]) for f in manifest["payload"]["files"]}
         probe_base = None
         if base is not None:
-            from edge_lora.models import resolve_base
+            from edge_lora.base import resolve_base
 
             probe_base = resolve_base(str(base))
         probes = run_probes(manifest["probes"], files, vdir, probe_base, device_export(root, export))

@@ -216,7 +216,7 @@ def run_torch_logits(probe: dict, files: dict[str, bytes], version_dir: Path, ba
         import torch  # noqa: F401
     except ImportError as exc:
         raise ProbeSkipped(f"torch/peft not installed on this device ({exc.name})") from exc
-    from edge_lora.models import load_base
+    from edge_lora.base import load_base
 
     try:
         ids, top1 = probe["input_ids"], [int(v) for v in probe["top1"]]

@@ -118,7 +118,7 @@ class LlamaCppRunner:
         gguf_path = Path(gguf_path)
         if not gguf_path.is_file():
             raise ModelError(f"GGUF model {gguf_path} does not exist. Pass a .gguf file (the packaged SmolLM2 is "
-                             "edge_lora.models.smollm2_gguf_path()).")
+                             "edge_lora.base.smollm2_gguf_path()).")
         if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
             raise LlamaCppError(f"threads must be a positive integer, not {threads!r}.")
         if isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx < 2:
@@ -315,7 +315,7 @@ class LlamaCppRunner:
 def converters_dir() -> Path:
     """The vendored llama.cpp converters that tools/build_llamacpp.sh unpacked (same llama.cpp as the wheel).
     ``$EDGE_LORA_LLAMACPP_SRC`` may point at another llama.cpp checkout instead."""
-    from edge_lora.models import cache_dir
+    from edge_lora.base import cache_dir
 
     env = os.environ.get("EDGE_LORA_LLAMACPP_SRC")
     if env:
@@ -384,7 +384,7 @@ def peft_to_gguf_lora(adapter_dir: str | os.PathLike, base_hf_dir: str | os.Path
         raise AdapterError(f"outtype must be f32, f16, bf16 or q8_0, not {outtype!r}.")
     if not (base_hf_dir / "config.json").is_file():
         raise ModelError(f"{base_hf_dir} has no config.json; pass the base model's HF folder "
-                         "(edge_lora.models.resolve_base('smollm2')).")
+                         "(edge_lora.base.resolve_base('smollm2')).")
     adapter = load_peft(adapter_dir)  # validates the folder and rejects DoRA and other unsupported variants
     problems = [f"{m.name}: LoRA on an embedding" for m in adapter.modules.values() if m.kind != "linear"]
     problems += [f"{m.name}: lora_bias" for m in adapter.modules.values() if m.bias is not None]

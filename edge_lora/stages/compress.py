@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from edge_lora.adapter import Adapter
-from edge_lora.compressed import CompressedAdapter, CompressedGroup, module_chain
+from edge_lora.adapter.compressed import CompressedAdapter, CompressedGroup, module_chain
 from edge_lora.errors import AdapterError, BudgetError
 from edge_lora.report import StageReport
 from edge_lora.stages import tensorize as tz
@@ -416,13 +416,16 @@ def _compress(adapter, config, calibration):
     t_core = time.perf_counter() - t0
 
     energies = [_module_energies(st, modules, g) for g, st in zip(groups, stacks)]
+    # Budget 0 means "drop nothing"; a full-rank fit still measures ~1e-16 of round-off, so the squared budget
+    # gets a floor of float64 round-off (a relative error of 1e-7) instead of refusing an exact fit.
+    budget_sq = max(budget ** 2, 1e-14)
     if config.scope == "global":
         total_energy = sum(float(e.sum()) for e in energies)
-        allows: list = _global_allowances(groups, stacks, modules, budget ** 2 * total_energy, config.max_rank)
+        allows: list = _global_allowances(groups, stacks, modules, budget_sq * total_energy, config.max_rank)
     elif config.scope == "module":
-        allows = [budget ** 2 * e for e in energies]
+        allows = [budget_sq * e for e in energies]
     else:
-        allows = [budget ** 2 * float(e.sum()) for e in energies]
+        allows = [budget_sq * float(e.sum()) for e in energies]
 
     dtype = getattr(torch, config.storage_dtype)
     out_groups, group_reports = [], []
@@ -727,7 +730,7 @@ def _run_cli(args) -> int:
                             error_metric="output" if args.output_budget else "weight")
     calibration = None
     if args.calibrate:
-        from edge_lora.models import load_base
+        from edge_lora.base import load_base
 
         model, tokenizer = load_base(args.calibrate)
         if tokenizer is None:

@@ -9,7 +9,7 @@ hotswap: every adapted module is wrapped as ``y = base(x) + (x·A)·B`` with *ta
          from :func:`lora_input_names`, makes it a graph input of shape [d_in, "rank.<m>"] / ["rank.<m>", d_out]
          and leaves an empty rank-0 initializer as its default. Without an adapter the branch adds exact zeros.
 
-Packed projections (``export.fuse_projections``, every mode; edge_lora.stages.fuse): MatMuls that read one
+Packed projections (``export.fuse_projections``, every mode; edge_lora.passes.fuse): MatMuls that read one
 value (q/k/v, gate/up) become one MatMul over the concatenated weight + Split. In a hot-swap graph the branches
 of one :func:`lora_groups` group become one branch ``x·W_cat + (x·A_cat)·B_bd``: inputs
 ``lora.<parent>.q_proj+k_proj+v_proj.A`` (d_in × Σr, ``[A_q | A_k | A_v]``) and ``….B`` (Σr × Σd_out, block
@@ -17,7 +17,7 @@ diagonal). edge_lora.json records each branch under ``lora_groups`` (modules, d_
 with an adapter, its ranks and rank offsets under ``adapter_ranks``; :func:`lora_input_arrays_for` gives the
 graph-layout arrays of any adapter for that layout, and :func:`write_ort_adapter` writes them.
 
-A compressed adapter (edge_lora.compressed) with factors shared across layers exports its shared groups as
+A compressed adapter (edge_lora.adapter.compressed) with factors shared across layers exports its shared groups as
 chain branches ``x·R·C·L`` (unfused): a shared U (and Vt) is ONE graph input used by every layer and one
 tensor in the adapter file (``lora_chains`` in edge_lora.json).
 
@@ -46,11 +46,11 @@ import torch
 
 from edge_lora.adapter import Adapter, base_layer_shape, check_compatible
 from edge_lora.errors import CompatibilityError, ModelError
-from edge_lora.profiles import ExportConfig
+from edge_lora.config import ExportConfig
 from edge_lora.report import StageReport
 
 # The LoRA input naming lives beside the fusion pass (which names group inputs); imported from here by callers.
-from edge_lora.stages.fuse import (  # noqa: F401
+from edge_lora.passes.fuse import (  # noqa: F401
     RANK_DIM,
     fuse_projections,
     lora_group_name,
@@ -77,7 +77,7 @@ def lora_input_arrays(module) -> tuple[np.ndarray, np.ndarray]:
 def resolve_task(model, config: ExportConfig) -> str:
     if config.task != "auto":
         return config.task
-    from edge_lora.models import is_causal_lm
+    from edge_lora.base import is_causal_lm
 
     return "text-generation-with-past" if is_causal_lm(model.config) else "feature-extraction"
 
@@ -373,7 +373,7 @@ def lora_input_arrays_for(adapter, lora_inputs=None) -> dict[str, np.ndarray]:
     LoRA inputs starts from). ``adapter``: an Adapter or a CompressedAdapter; ``lora_inputs``: as ``spec`` of
     :func:`hotswap_layout`. A group of A_cat = [A_1 | A_2 …] and block-diagonal B; groups whose modules all have
     rank 0 are left out (the graph's rank-0 default applies)."""
-    from edge_lora.compressed import CompressedAdapter
+    from edge_lora.adapter.compressed import CompressedAdapter
 
     arrays: dict[str, np.ndarray] = {}
     if isinstance(adapter, CompressedAdapter):
@@ -417,7 +417,7 @@ def _chain_arrays(compressed) -> dict[str, np.ndarray]:
     """R, C, L per module (a shared one once). A group whose shared basis has rank 0 is left out (all its inputs
     keep their rank-0 defaults); a module of rank 0 in a live group gets 1-wide zero R and C, since its C must
     still have the group's r_u columns for the shared L."""
-    from edge_lora.compressed import module_chain
+    from edge_lora.adapter.compressed import module_chain
 
     arrays = {}
     for group in compressed.groups:
@@ -591,7 +591,7 @@ def export_hotswap(model, tokenizer, adapter, out_dir: Path,
     factors are single graph inputs, unfused; per-module groups are plain LoRA), or None.
     ``model`` is modified in place (its target modules are wrapped); pass a model you do not need afterwards.
     """
-    from edge_lora.compressed import CompressedAdapter
+    from edge_lora.adapter.compressed import CompressedAdapter
 
     start = time.perf_counter()
     compressed = adapter if isinstance(adapter, CompressedAdapter) else None

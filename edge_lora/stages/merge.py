@@ -20,7 +20,7 @@ import torch
 
 from edge_lora.adapter import Adapter, base_layer_shape, check_compatible
 from edge_lora.errors import AdapterError
-from edge_lora.profiles import MergeConfig
+from edge_lora.config import MergeConfig
 from edge_lora.report import StageReport
 
 

@@ -194,7 +194,7 @@ def build_package(src, key, version: int, base, out, from_package=None, adapter_
     again when the caller knows it). ``src`` may be a hot-swap export folder (its ``adapter.onnx_adapter``
     travels, with an ``ort`` probe); ``export`` names the hot-swap export for a PEFT folder (an
     ``adapter.onnx_adapter`` is written from the PEFT adapter for the export's LoRA inputs and travels too)."""
-    from edge_lora.models import base_content_hash, is_causal_lm, resolve_base
+    from edge_lora.base import base_content_hash, is_causal_lm, resolve_base
     from edge_lora.ota.keys import key_id, load_private_key
 
     t0 = time.perf_counter()
@@ -253,7 +253,7 @@ def build_package(src, key, version: int, base, out, from_package=None, adapter_
 
                     if not is_causal_lm(AutoConfig.from_pretrained(base_path, local_files_only=True)):
                         raise ProbeSkipped("the base is not a causal LM")
-                    from edge_lora.models import load_base
+                    from edge_lora.base import load_base
 
                     probe_list.append(build_torch_logits(lambda: load_base(base_path)[0], tmp))
                     checks["adapter_changes_output_max_abs"] = probe_list[-1]["adapter_effect_max_abs"]
@@ -418,7 +418,7 @@ def _run_verify(args) -> int:
 
     probe_base = None
     if args.base is not None and not re.fullmatch(r"[0-9a-f]{64}", str(args.base)):
-        from edge_lora.models import resolve_base
+        from edge_lora.base import resolve_base
 
         probe_base = resolve_base(args.base)
     from edge_lora.ota.install import device_export

@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from edge_lora.errors import AdapterError, BudgetError, EdgeLoraError, ProfileError
-from edge_lora.profiles import register_stage_config
+from edge_lora.config import register_stage_config
 from edge_lora.report import StageReport
 from edge_lora.runtimes.timing import (
     ORT_RUNTIMES,
@@ -419,7 +419,7 @@ def add_cli(sub) -> None:
 
 
 def cli_config(args) -> tuple[ProfileConfig, list[str]]:
-    from edge_lora.profiles import build_config, parse_overrides
+    from edge_lora.config import build_config, parse_overrides
 
     table = parse_overrides(args.overrides).pop(STAGE, {})
     bad = [o for o in args.overrides if not o.startswith(f"{STAGE}.")]

@@ -7,7 +7,7 @@ import json
 import os
 from pathlib import Path
 
-from edge_lora.atomic import atomic_folder
+from edge_lora.files import atomic_folder
 
 MOBILE_NOTE = "emulation of a phone CPU, not a phone"
 

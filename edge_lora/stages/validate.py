@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from edge_lora.profiles import ValidateConfig
+from edge_lora.config import ValidateConfig
 from edge_lora.report import StageReport
 from edge_lora.runtimes.ort_session import full_feeds, load_session
 from edge_lora.stages.export_onnx import ADAPTER_FILE, read_meta
@@ -265,7 +265,7 @@ def reference_cache_key(meta: dict, config: ValidateConfig) -> str | None:
 
 
 def _cached(key: str | None, compute):
-    from edge_lora.models import cache_dir
+    from edge_lora.base import cache_dir
 
     path = cache_dir() / "validation" / f"reference-{key}.json" if key else None
     if path is not None and path.is_file():

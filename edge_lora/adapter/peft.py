@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from edge_lora.atomic import atomic_folder
+from edge_lora.files import atomic_folder
 from edge_lora.errors import AdapterError, CompatibilityError
 
 CONFIG_NAME = "adapter_config.json"

@@ -18,7 +18,7 @@ import json
 import os
 from pathlib import Path
 
-from edge_lora.atomic import atomic_folder
+from edge_lora.files import atomic_folder
 from edge_lora.errors import ModelError
 
 CACHE_ENV = "EDGE_LORA_CACHE"

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from edge_lora.errors import ModelError, ProfileError
-from edge_lora.profiles import register_stage_config
+from edge_lora.config import register_stage_config
 from edge_lora.report import StageReport
 
 STAGE = "quantize"

@@ -52,7 +52,7 @@ def inspect_adapter(path, base: str | None = None) -> dict:
         },
     }
     if base is not None:
-        from edge_lora.models import base_content_hash, load_base, resolve_base
+        from edge_lora.base import base_content_hash, load_base, resolve_base
 
         path = resolve_base(base)
         model, _ = load_base(path)
