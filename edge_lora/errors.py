@@ -22,6 +22,11 @@ class ModelError(EdgeLoraError):
     """A base model cannot be found, converted or loaded."""
 
 
+class ExportMetaError(ModelError):
+    """An export folder's edge_lora.json is missing, damaged, or of another format version: every command that
+    reads one (validate, profile, package, the runtimes) raises this, with the same message."""
+
+
 class ProfileError(EdgeLoraError):
     """An export profile has an unknown key or a bad value."""
 

@@ -13,19 +13,18 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import hashlib
 import importlib
 import json
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edge_lora.files import replace_folder
+from edge_lora.files import replace_folder, temp_folder_beside, write_text_atomic
+from edge_lora.formats.export_meta import FILE as META_FILE, ExportMeta, relative_path
 from edge_lora.errors import BudgetError, CompatibilityError, EdgeLoraError
 from edge_lora.config import Profile, load_profile
 from edge_lora.report import StageReport
@@ -49,52 +48,31 @@ class RunContext:
     reference_adapter: Path | None = None   # the PEFT folder validation compares against (the original)
     model: Any = None                  # torch model (merged in place by the merge stage)
     tokenizer: Any = None
-    export_info: dict = field(default_factory=dict)
+    export_meta: Any = None            # edge_lora.formats.export_meta.ExportMeta: set by export, updated by quantize
+    meta_on_disk: Any = None           # the ExportMeta last written to work_dir (the pipeline writes changes)
     reports: list[StageReport] = field(default_factory=list)
     progress: Callable[[str], None] = lambda text: None
 
-    def meta(self) -> dict:
-        """What edge_lora.json records about where the export came from (validate re-loads from it)."""
-        meta = {"base": self.base_spec, "base_path": str(self.base_path), "base_sha256": self.base_sha256,
-                "adapter_source": str(self.adapter_path), "adapter_sha256": self.adapter_sha256,
-                "profile": self.profile.name}
-        if self.reference_adapter and self.reference_adapter != self.adapter_path:
-            meta["reference_adapter"] = str(self.reference_adapter)
-        return meta
+    def relative(self, path) -> str | None:
+        """``path`` relative to the export folder (the same before and after its rename: same parent)."""
+        return None if path is None else relative_path(path, self.work_dir)
+
+    def provenance(self) -> dict:
+        """Where the export came from, as edge_lora.json and the report record it (validate re-loads from it).
+        Paths are relative to the export folder; ``base`` stays a demo name ('smollm2') when it is one."""
+        from edge_lora.base import DEMO_BASES
+
+        base = self.base_spec
+        if base not in DEMO_BASES and Path(base).exists():
+            base = self.relative(base)
+        reference = self.reference_adapter if self.reference_adapter != self.adapter_path else None
+        return {"base": base, "base_path": self.relative(self.base_path), "base_sha256": self.base_sha256,
+                "adapter_source": self.relative(self.adapter_path), "adapter_sha256": self.adapter_sha256,
+                "reference_adapter": self.relative(reference), "profile": self.profile.name}
 
 
-COMPRESSED_FILE = "compressed.safetensors"
-
-
-def adapter_hash(folder: Path) -> str:
-    """sha256 over the adapter's config and weights files (what PEFT reads; a compressed adapter's file too)."""
-    h = hashlib.sha256()
-    for name in ("adapter_config.json", "adapter_model.safetensors", COMPRESSED_FILE):
-        path = Path(folder) / name
-        if name == COMPRESSED_FILE and not path.is_file():
-            continue   # PEFT folders hash as they always did
-        h.update(name.encode())
-        if path.is_file():
-            h.update(path.read_bytes())
-    return h.hexdigest()
-
-
-def load_adapter_folder(folder: Path):
-    """(adapter, reference PEFT folder). A PEFT folder is its own reference; a folder written by ``compress``
-    (compressed.safetensors) is exported as it is, shared factors included, and validated against the original
-    adapter it was compressed from (its header's ``source``): the reference is always the uncompressed adapter."""
-    from edge_lora.adapter import load_peft
-    from edge_lora.adapter.compressed import CompressedAdapter
-
-    if not (folder / COMPRESSED_FILE).is_file():
-        return load_peft(folder), folder
-    compressed = CompressedAdapter.load(folder)
-    source = Path(compressed.source) if compressed.source else None
-    if source is None or not (source / "adapter_config.json").is_file():
-        raise CompatibilityError(f"{folder / COMPRESSED_FILE} was compressed from {compressed.source!r}, which is not "
-                                 "a PEFT folder here; validation needs the original adapter. Restore it, or "
-                                 "export the compressed adapter's PEFT expansion (compress --as-peft DIR).")
-    return compressed, source
+# Kept importable from here for callers of the older names.
+from edge_lora.adapter.load import adapter_hash, expanded, load_adapter as load_adapter_folder  # noqa: E402,F401
 
 
 # ------------------------------------------------------------------------------------------ stages
@@ -107,26 +85,53 @@ def _load(ctx: RunContext) -> StageReport:
     ctx.adapter, ctx.reference_adapter = load_adapter_folder(ctx.adapter_path)
     ctx.base_path = resolve_base(ctx.base_spec).resolve()
     ctx.model, ctx.tokenizer = load_base(ctx.base_path)
-    check_compatible(plain_adapter(ctx.adapter), ctx.model)
+    check_compatible(expanded(ctx.adapter), ctx.model)
     ctx.base_sha256 = base_content_hash(ctx.base_path)
     ctx.adapter_sha256 = adapter_hash(ctx.adapter_path)
     return StageReport(stage="load", seconds=time.perf_counter() - start,
                        input_hash=ctx.adapter_sha256, output_hash=ctx.base_sha256,
-                       metrics={"base": str(ctx.base_path), "adapter": str(ctx.adapter_path),
-                                "modules": len(plain_adapter(ctx.adapter).modules), "adapter_params": ctx.adapter.params,
+                       metrics={"base": ctx.relative(ctx.base_path), "adapter": ctx.relative(ctx.adapter_path),
+                                "modules": len(expanded(ctx.adapter).modules), "adapter_params": ctx.adapter.params,
                                 "model_type": ctx.model.config.model_type})
 
 
-def plain_adapter(adapter):
-    """The per-module LoRA form (a compressed adapter's expansion) for stages that need one ΔW per module."""
-    return adapter.to_adapter() if hasattr(adapter, "to_adapter") else adapter
+def _quantize_adapter(ctx: RunContext) -> StageReport | None:
+    """The profile's ``quantize.adapter`` (the one factor quantizer), in memory, before the adapter is merged or
+    exported: a hot-swap export then ships exactly these codes, a merged one folds in their expansion. An adapter
+    that ``compress --bits`` already quantized is shipped as it is."""
+    from edge_lora.adapter.quantized import QuantizedAdapter
+    from edge_lora.stages.quantize_factors import adapter_quant_config, quantize_adapter
+
+    if "quantize" not in ctx.profile.stages:
+        return None
+    config = ctx.profile.config("quantize")
+    cfg = adapter_quant_config(config.adapter, config.adapter_block_size)
+    if cfg is None:
+        return None
+    if isinstance(ctx.adapter, QuantizedAdapter):
+        return StageReport(stage="quantize_adapter", skipped=[
+            f"quantize.adapter = {config.adapter!r} not applied: {ctx.adapter_path} is already quantized by "
+            f"compress --bits ({ctx.adapter.config.label}, groups of {ctx.adapter.config.group_size}); its codes "
+            "ship as they are."])
+    original = load_peft_reference(ctx)
+    ctx.adapter, report = quantize_adapter(original, expanded(ctx.adapter), cfg)
+    report.stage = "quantize_adapter"
+    report.metrics.pop("summary", None)
+    report.input_hash = ctx.adapter_sha256
+    return report
+
+
+def load_peft_reference(ctx: RunContext):
+    from edge_lora.adapter import load_peft
+
+    return load_peft(ctx.reference_adapter or ctx.adapter_path)
 
 
 def _merge(ctx: RunContext, config) -> StageReport:
     from edge_lora.base import base_content_hash
     from edge_lora.stages.merge import merge
 
-    ctx.model, report = merge(ctx.model, plain_adapter(ctx.adapter), config)
+    ctx.model, report = merge(ctx.model, expanded(ctx.adapter), config)
     report.input_hash = ctx.adapter_sha256
     report.output_hash = base_content_hash(ctx.model)
     return report
@@ -136,10 +141,11 @@ def _export(ctx: RunContext, config) -> StageReport:
     from edge_lora.stages.export_onnx import export_hotswap, export_merged
 
     if config.mode == "hotswap":
-        ctx.export_info, report = export_hotswap(ctx.model, ctx.tokenizer, ctx.adapter, ctx.work_dir, config,
-                                                 ctx.meta())
+        ctx.export_meta, report = export_hotswap(ctx.model, ctx.tokenizer, ctx.adapter, ctx.work_dir, config,
+                                                 ctx.provenance())
     else:
-        ctx.export_info, report = export_merged(ctx.model, ctx.tokenizer, ctx.work_dir, config, ctx.meta())
+        ctx.export_meta, report = export_merged(ctx.model, ctx.tokenizer, ctx.work_dir, config, ctx.provenance())
+    ctx.meta_on_disk = ctx.export_meta   # the export stage writes its folder's edge_lora.json itself
     report.input_hash = ctx.reports[-1].output_hash if ctx.reports else None
     # The exported (merged or wrapped) torch model is done with; validation loads a clean reference, so free
     # this one first rather than hold two copies of the weights.
@@ -150,7 +156,7 @@ def _export(ctx: RunContext, config) -> StageReport:
 
 def _validate(ctx: RunContext, config) -> StageReport:
     reference = reference_model(ctx.base_path, ctx.reference_adapter or ctx.adapter_path)
-    _, report = validate_stage(ctx.work_dir, reference, ctx.tokenizer, config, ctx.progress)
+    _, report = validate_stage(ctx.work_dir, reference, ctx.tokenizer, config, ctx.progress, meta=ctx.export_meta)
     report.input_hash = ctx.reports[-1].output_hash if ctx.reports else None
     return report
 
@@ -226,7 +232,11 @@ def _run_stage(ctx: RunContext, name: str, fn: Callable[[], StageReport]) -> Sta
     except Exception as exc:   # a bug: keep the traceback, say where it happened
         exc.add_note(f"edge_lora: raised in pipeline stage '{name}', after {', '.join(before) or 'nothing'}")
         raise
-    ctx.reports.append(report)
+    if report is not None:   # None: a step the profile does not ask for
+        ctx.reports.append(report)
+    if ctx.export_meta is not None and ctx.export_meta != ctx.meta_on_disk:
+        # a stage returned an updated ExportMeta (quantize): the pipeline, not the stage, writes it
+        ctx.export_meta = ctx.meta_on_disk = ctx.export_meta.write(ctx.work_dir)
     return report
 
 
@@ -234,8 +244,7 @@ def _atomic_folder(out: Path, force: bool):
     if out.exists() and not force:
         raise EdgeLoraError(f"output folder {out} already exists; choose another --out or pass --force to "
                             "replace it.")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    return temp_folder_beside(out)
 
 
 def _commit(tmp: Path, out: Path) -> None:
@@ -255,6 +264,7 @@ def run_export(base: str, adapter: str | os.PathLike, profile: str | Profile, ou
             ctx.progress = say
             start("load adapter + base")
             _run_stage(ctx, "load", lambda: _load(ctx))
+            _run_stage(ctx, "quantize_adapter", lambda: _quantize_adapter(ctx))
             for name in profile.stages:
                 start(name)
                 _run_stage(ctx, name, lambda name=name: STAGES[name](ctx, profile.config(name)))
@@ -279,17 +289,17 @@ def _raise_on_budget_miss(report: dict, out: Path) -> None:
 def build_report(ctx: RunContext, seconds: float) -> dict:
     failures = [f for r in ctx.reports for f in r.metrics.get("budget_failures", [])]
     validated = any(r.stage == "validate" for r in ctx.reports)
+    profile = ctx.profile.to_dict()
+    if profile.get("source") and os.path.isabs(profile["source"]):   # the report names no build-machine path
+        profile["source"] = ctx.relative(profile["source"])
     return {"status": "FAILED" if failures else ("PASSED" if validated else "NOT VALIDATED"),
-            "budget_failures": failures, "seconds": seconds, **ctx.meta(), "profile": ctx.profile.to_dict(),
+            "budget_failures": failures, "seconds": seconds, **ctx.provenance(), "profile": profile,
             "stages": [r.to_dict() for r in ctx.reports]}
 
 
 def write_report(folder: Path, report: dict) -> None:
-    for name, text in ((REPORT_JSON, json.dumps(report, indent=2, default=str) + "\n"),
-                       (REPORT_MD, render_markdown(report))):
-        tmp = folder / f".{name}.tmp"
-        tmp.write_text(text)
-        os.replace(tmp, folder / name)
+    write_text_atomic(folder / REPORT_JSON, json.dumps(report, indent=2, default=str) + "\n")
+    write_text_atomic(folder / REPORT_MD, render_markdown(report))
 
 
 def _fmt(value) -> str:
@@ -327,26 +337,32 @@ def render_markdown(report: dict) -> str:
 
 def run_validate(folder: str | os.PathLike, overrides: list[str] | None = None, show_progress: bool = True) -> dict:
     """Re-run validation of an existing export folder and update its report (same budgets, plus --set)."""
+    from edge_lora.base import DEMO_BASES
     from edge_lora.config import parse_overrides, parse_profile
-    from edge_lora.stages.export_onnx import read_meta
+    from edge_lora.errors import ExportMetaError
 
     folder = Path(folder)
-    meta = read_meta(folder)
+    meta = ExportMeta.read(folder)
     old = json.loads((folder / REPORT_JSON).read_text()) if (folder / REPORT_JSON).is_file() else {}
     if old.get("profile"):
         stored = {k: v for k, v in old["profile"].items() if k not in ("name", "description", "stages", "source")}
         stored["profile"] = {"description": old["profile"]["description"], "stages": old["profile"]["stages"]}
         profile = parse_profile(stored, old["profile"]["name"], old["profile"]["source"], parse_overrides(overrides))
     else:
-        profile = load_profile(meta.get("profile", "cpu-fp32"), overrides)
-    adapter_path = Path(meta["adapter_source"])
-    if adapter_hash(adapter_path) != meta.get("adapter_sha256"):
+        profile = load_profile(meta.profile or "cpu-fp32", overrides)
+    adapter_path, base_path = meta.path("adapter_source"), meta.path("base_path")
+    if adapter_path is None or base_path is None:
+        raise ExportMetaError(f"{folder / META_FILE} records no adapter_source or base_path: the folder was not "
+                              "written by `python -m edge_lora export`, so there is no reference to validate "
+                              "against. Export it with `python -m edge_lora export`.")
+    if adapter_hash(adapter_path) != meta.adapter_sha256:
         raise CompatibilityError(f"the adapter at {adapter_path} changed since {folder} was exported (sha256 differs "
                                  "from edge_lora.json); re-export instead of re-validating.")
-    ctx = RunContext(profile=profile, base_spec=meta["base"], adapter_path=adapter_path, work_dir=folder,
-                     reference_adapter=Path(meta.get("reference_adapter") or adapter_path),
-                     base_path=Path(meta["base_path"]), base_sha256=meta.get("base_sha256"),
-                     adapter_sha256=meta.get("adapter_sha256"))
+    base_spec = meta.base if meta.base is None or meta.base in DEMO_BASES else str(folder / meta.base)
+    ctx = RunContext(profile=profile, base_spec=str(base_spec), adapter_path=adapter_path, work_dir=folder,
+                     reference_adapter=meta.path("reference_adapter") or adapter_path,
+                     base_path=base_path, base_sha256=meta.base_sha256, adapter_sha256=meta.adapter_sha256,
+                     export_meta=meta, meta_on_disk=meta)
     started = time.perf_counter()
     with _progress_display(show_progress) as (start, say):
         ctx.progress = say

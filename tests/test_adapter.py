@@ -66,7 +66,8 @@ def test_rank_zero_modules_are_dropped_on_save(tmp_path):
     adapter = load_peft(tmp_path / "a")
     name = "model.layers.0.mlp.up_proj"
     m = adapter.modules[name]
-    adapter.modules[name] = type(m)(name=name, kind=m.kind, A=m.A[:0], B=m.B[:, :0], scale=m.scale, alpha=m.alpha)
+    adapter = adapter.replace_modules({**adapter.modules, name: type(m)(name=name, kind=m.kind, A=m.A[:0], B=m.B[:, :0],
+                                                                      scale=m.scale, alpha=m.alpha)})
     out = save_peft(adapter, tmp_path / "b")
     saved = load_peft(out)
     assert name not in saved.modules and len(saved.modules) == len(adapter.modules) - 1

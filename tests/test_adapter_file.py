@@ -188,9 +188,9 @@ def test_odd_sizes_and_short_last_groups_in_a_real_session(tmp_path, label):
 
 
 def ort_adapter_group(name, d_in, d_out):
-    from edge_lora.runtimes.hotswap import _Group
+    from edge_lora.formats.export_meta import LoraGroup
 
-    return _Group(name, (f"lora.{name}.A", f"lora.{name}.B"), (name,), d_in, (d_out,))
+    return LoraGroup(name, (f"lora.{name}.A", f"lora.{name}.B"), (name,), d_in, (d_out,))
 
 
 # ---------------------------------------------------------------------------------------------- bad files

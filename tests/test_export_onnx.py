@@ -3,6 +3,8 @@ adapter X == the merged export of X, and X → Y → X on one session gives each
 
 from __future__ import annotations
 
+import dataclasses
+
 import gc
 
 import numpy as np
@@ -57,8 +59,8 @@ def test_merged_onnx_matches_peft(tmp_path, case):
     merged, _ = merge(tiny_model(kind), load_peft(tmp_path / "adapter"))
     folder = export_into(tmp_path, "onnx", export_merged, merged, None)
     meta = read_meta(folder)
-    assert meta["mode"] == "merged" and "input_ids" in meta["inputs"]
-    assert meta["task"] == ("feature-extraction" if kind == "bert" else "text-generation-with-past")
+    assert meta.mode == "merged" and "input_ids" in meta.inputs
+    assert meta.task == ("feature-extraction" if kind == "bert" else "text-generation-with-past")
     np.testing.assert_allclose(ort_out(load_session(folder)), torch_out(peft_model), rtol=1e-4, atol=2e-5)
 
 
@@ -77,7 +79,7 @@ def hotswap_setup(request, tmp_path_factory):
         "merged_x": export_into(tmp, "merged_x", export_merged, merge(tiny_model(kind), x)[0], None),
         "merged_y": export_into(tmp, "merged_y", export_merged, merge(tiny_model(kind), y)[0], None),
     }
-    lora_modules = set(read_meta(folders["hotswap"])["lora_inputs"])
+    lora_modules = set(read_meta(folders["hotswap"]).lora_inputs)
     write_ort_adapter(y, tmp / "y.onnx_adapter", lora_modules)
     outs = {k: ort_out(load_session(v)) for k, v in folders.items() if k != "hotswap"}
     return folders, outs, tmp / "y.onnx_adapter", torch_out(peft_x)
@@ -121,23 +123,23 @@ def test_graph_and_adapter_file_use_the_same_names(hotswap_setup):
     folders, _, _, _ = hotswap_setup
     meta = read_meta(folders["hotswap"])
     params = set(ort.AdapterFormat.read_adapter(str(folders["hotswap"] / ADAPTER_FILE)).get_parameters())
-    graph_inputs = {n for names in meta["lora_inputs"].values() for n in names}
-    assert params == graph_inputs == {n for g in meta["lora_groups"] for n in g["inputs"]}
+    graph_inputs = {n for names in meta.lora_inputs.values() for n in names}
+    assert params == graph_inputs == {n for g in meta.lora_groups for n in g.inputs}
     assert set(HotswapSession(folders["hotswap"]).lora_inputs) == graph_inputs
-    for g in meta["lora_groups"]:
-        assert g["name"] == lora_group_name(g["modules"]) and g["inputs"] == list(lora_input_names(g["name"]))
-        assert all(meta["lora_inputs"][m] == g["inputs"] for m in g["modules"])
+    for g in meta.lora_groups:
+        assert g.name == lora_group_name(g.modules) and g.inputs == tuple(lora_input_names(g.name))
+        assert all(meta.lora_inputs[m] == g.inputs for m in g.modules)
     # q/k/v and gate/up are one branch each (llama); BERT's biased query and value are one branch too
-    sizes = sorted({len(g["modules"]) for g in meta["lora_groups"]})
-    assert sizes == ([1, 2, 3] if "q_proj" in str(meta["lora_groups"]) else [1, 2])
+    sizes = sorted({len(g.modules) for g in meta.lora_groups})
+    assert sizes == ([1, 2, 3] if "q_proj" in str(meta.lora_groups) else [1, 2])
 
 
 def test_empty_adapter_is_refused_at_load(hotswap_setup, tmp_path):
     folders, _, _, _ = hotswap_setup
     adapter = load_peft(hotswap_setup[2].parent / "x")
-    for m in adapter.modules.values():
-        m.B = torch.zeros_like(m.B)
-    write_ort_adapter(adapter, tmp_path / "zero.onnx_adapter", set(read_meta(folders["hotswap"])["lora_inputs"]))
+    adapter = adapter.replace_modules({n: dataclasses.replace(m, B=torch.zeros_like(m.B))
+                                       for n, m in adapter.modules.items()})
+    write_ort_adapter(adapter, tmp_path / "zero.onnx_adapter", set(read_meta(folders["hotswap"]).lora_inputs))
     with pytest.raises(AdapterError, match="equals the base"):
         HotswapSession(folders["hotswap"]).load_adapter("zero", tmp_path / "zero.onnx_adapter")
 
@@ -168,7 +170,7 @@ def test_hotswap_with_external_data(tmp_path):
     peft_model = make_peft_adapter(kind, kwargs, tmp_path / "x")
     folder = export_into(tmp_path, "hs", export_hotswap, tiny_model(kind), None, load_peft(tmp_path / "x"),
                          config=ExportConfig(mode="hotswap", external_data="always"))
-    assert read_meta(folder)["external_data"] and (folder / "model.onnx_data").is_file()
+    assert read_meta(folder).external_data and (folder / "model.onnx_data").is_file()
     session = HotswapSession(folder)
     session.load_adapter("x", folder / ADAPTER_FILE)
     np.testing.assert_allclose(ort_out(session.session, session.run_options("x")), torch_out(peft_model),
@@ -216,7 +218,7 @@ def test_fused_projections_change_kernels_not_outputs(tmp_path, mode):
             session.load_adapter("x", folder / ADAPTER_FILE)
             outs[fuse] = [ort_out(session.session), ort_out(session.session, session.run_options("x"))]
         ops[fuse] = _ops(folder)
-        assert (read_meta(folder)["fused_projections"] is not None) == fuse
+        assert (read_meta(folder).fused_projections is not None) == fuse
     for fused, plain in zip(outs[True], outs[False]):
         np.testing.assert_allclose(fused, plain, rtol=1e-5, atol=1e-5)
     layers = 2
@@ -241,13 +243,13 @@ def test_adapter_on_part_of_a_fused_group(tmp_path):
     meta = read_meta(folder)
     y = load_peft(tmp_path / "y")
     with pytest.raises(CompatibilityError, match="edge_lora.json"):   # module names alone cannot size k's block
-        write_ort_adapter(y, tmp_path / "y.onnx_adapter", set(meta["lora_inputs"]))
+        write_ort_adapter(y, tmp_path / "y.onnx_adapter", set(meta.lora_inputs))
     write_ort_adapter(y, tmp_path / "y.onnx_adapter", meta)
     arrays = lora_input_arrays_for(y, meta)
-    qkv = next(g for g in meta["lora_groups"] if g["modules"][0].endswith("layers.0.self_attn.q_proj"))
-    a, b = arrays[qkv["inputs"][0]], arrays[qkv["inputs"][1]]
-    assert a.shape == (qkv["d_in"], 3 + 5) and b.shape == (8, sum(qkv["d_out"]))
-    q, k, v = np.split(b, np.cumsum(qkv["d_out"])[:-1], axis=1)
+    qkv = next(g for g in meta.lora_groups if g.modules[0].endswith("layers.0.self_attn.q_proj"))
+    a, b = arrays[qkv.inputs[0]], arrays[qkv.inputs[1]]
+    assert a.shape == (qkv.d_in, 3 + 5) and b.shape == (8, sum(qkv.d_out))
+    q, k, v = np.split(b, np.cumsum(qkv.d_out)[:-1], axis=1)
     assert not k.any() and not q[3:].any() and not v[:3].any() and q[:3].any() and v[3:].any()   # block-diagonal
     assert not any(n.startswith("lora.model.layers.0.mlp") for n in arrays)   # untouched groups: graph defaults
     session = HotswapSession(folder)
@@ -264,7 +266,7 @@ def test_layout_from_module_names_matches_the_export(tmp_path):
     folder = export_into(tmp_path, "hs", export_hotswap, tiny_model(kind), None, x,
                          config=ExportConfig(mode="hotswap"))
     meta = read_meta(folder)
-    assert hotswap_layout(x, set(meta["lora_inputs"])) == hotswap_layout(x, meta)
+    assert hotswap_layout(x, set(meta.lora_inputs)) == hotswap_layout(x, meta)
 
 
 @pytest.mark.parametrize("structure", ["shared-out", "tucker2"])
@@ -293,17 +295,17 @@ def test_compressed_shared_factors_are_single_inputs(tmp_path, structure):
     np.testing.assert_allclose(ort_out(session.session), ort_out(load_session(
         export_into(tmp_path, "base", export_merged, tiny_model(kind), None))), rtol=0, atol=1e-6)
     params = ort.AdapterFormat.read_adapter(str(folder / ADAPTER_FILE)).get_parameters()
-    chains = [c for c in meta["lora_chains"] if c["structure"] == structure]
+    chains = [c for c in meta.lora_chains if c.structure == structure]
     for g in shared:
-        users = [c for c in chains if c["group"] == g.name]
+        users = [c for c in chains if c.group == g.name]
         assert len(users) == len(g.modules) >= 2
-        u_names = {c["inputs"][2] for c in users}
+        u_names = {c.inputs[2] for c in users}
         assert len(u_names) == 1 and u_names <= set(params)                      # U: one input, stored once
         assert params[u_names.pop()].numpy().shape == tuple(g.shared["U"].T.shape)
-        v_names = {c["inputs"][0] for c in users}
+        v_names = {c.inputs[0] for c in users}
         assert len(v_names) == (1 if structure == "tucker2" else len(users))      # Vt shared for tucker2 only
-    assert len(params) == len({n for c in meta["lora_chains"] for n in c["inputs"]} & set(params)) + sum(
-        2 for g in meta["lora_groups"] if g["inputs"][0] in params)
+    assert len(params) == len({n for c in meta.lora_chains for n in c.inputs} & set(params)) + sum(
+        2 for g in meta.lora_groups if g.inputs[0] in params)
 
 
 def test_per_module_adapter_file_on_a_packed_export_is_refused(tmp_path):

@@ -190,18 +190,23 @@ def test_cli_package_verify_install(ota_ort, tmp_path):
 
 
 def test_peft_adapter_packaged_for_a_quantized_export_is_quantized(ota_ort, tmp_path):
-    """An export whose adapter file is quantized (quantize stage, adapter = "int8"/"int4") gets quantized
-    adapters from the packager too, and they load on the export's float graph close to the float adapter."""
-    from edge_lora.stages.hotswap_quant import is_quantized_adapter
+    """An export whose adapter file is quantized (the one factor quantizer, quantize.adapter = "int8"/"int4")
+    gets quantized adapters from the packager too, with the export's settings, and they load on the export's
+    float graph close to the float adapter."""
+    from dataclasses import replace
+
+    from edge_lora.formats import ort_adapter
+    from edge_lora.formats.export_meta import AdapterQuantization, ExportMeta
     from edge_lora.stages.package import _ort_adapter_from_peft
 
-    meta = json.loads((ota_ort.export / "edge_lora.json").read_text())
+    meta = ExportMeta.read(ota_ort.export)
     files = {}
-    for kind in ("fp32", "int8", "int4"):
-        meta["adapter_quantization"] = {"adapter": kind, "block_size": 16, "layout": "load-time"}
+    for kind, bits in (("fp32", None), ("int8", 8), ("int4", 4)):
+        meta = replace(meta, adapter_quantization=None if bits is None else AdapterQuantization(
+            bits=bits, mixed_avg_bits=None, group_size=16, symmetric=True))
         files[kind] = tmp_path / f"{kind}.onnx_adapter"
         files[kind].write_bytes(_ort_adapter_from_peft(ota_ort.ay, meta))
-    assert [is_quantized_adapter(files[k]) for k in ("fp32", "int8", "int4")] == [False, True, True]
+    assert [ort_adapter.read(files[k]).is_quantized for k in ("fp32", "int8", "int4")] == [False, True, True]
     assert files["int4"].stat().st_size < files["int8"].stat().st_size < files["fp32"].stat().st_size / 2
     s = HotswapSession(ota_ort.export, threads=1)
     feeds = full_feeds(s.session, IDS)

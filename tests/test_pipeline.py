@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 
 import pytest
@@ -9,6 +11,7 @@ from conftest import ADAPTER_TABLE, make_peft_adapter
 
 from edge_lora.errors import CompatibilityError, EdgeLoraError, ProfileError
 from edge_lora.base import tiny_model
+from edge_lora.formats.export_meta import ExportMeta
 from edge_lora.pipeline import run_export, run_validate
 
 
@@ -124,14 +127,14 @@ def test_compressed_adapter_exports_hotswap_with_shared_factors(inputs, tmp_path
     from edge_lora.stages.compress import CompressConfig, compress
 
     compressed, _ = compress(load_peft(inputs / "adapter"), CompressConfig(budget=0.3, structure="shared-out"))
-    compressed.source = str(inputs / "adapter")
+    compressed = dataclasses.replace(compressed, source=str(inputs / "adapter"))
     compressed.save(tmp_path / "compressed")
     out = tmp_path / "out"
     report = run_export(inputs / "llama", tmp_path / "compressed", "cpu-hotswap", out, show_progress=False,
                         overrides=["validate.min_top1_agreement=0", "validate.max_mean_kl=10",
                                    "validate.min_generation_agreement=0", "validate.max_hidden_rel_error=10"])
-    meta = json.loads((out / "edge_lora.json").read_text())
-    assert meta["reference_adapter"] == str(inputs / "adapter")
+    meta = ExportMeta.read(out)   # paths are stored relative to the export folder
+    assert meta.path("reference_adapter").resolve() == (inputs / "adapter").resolve()
     params = ort.AdapterFormat.read_adapter(str(out / "adapter.onnx_adapter")).get_parameters()
     shared = [n for n in params if n.endswith(".U")]
     assert shared and len(shared) == len(set(shared)) <= 7          # one U per module type, not per layer
@@ -148,7 +151,7 @@ def test_compressed_adapter_without_its_original_is_refused(inputs, tmp_path):
     from edge_lora.stages.compress import CompressConfig, compress
 
     compressed, _ = compress(load_peft(inputs / "adapter"), CompressConfig(budget=0.3, structure="shared-out"))
-    compressed.source = str(tmp_path / "gone")
+    compressed = dataclasses.replace(compressed, source=str(tmp_path / "gone"))
     compressed.save(tmp_path / "compressed")
     with pytest.raises(CompatibilityError, match="original adapter"):
         run_export(inputs / "llama", tmp_path / "compressed", "cpu-hotswap", tmp_path / "out", show_progress=False)

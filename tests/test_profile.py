@@ -47,7 +47,7 @@ def exports(tmp_path_factory):
     export_merged(merge(tiny_model(kind), x)[0], None, folders["merged"])
     export_hotswap(tiny_model(kind), None, x, folders["hotswap"], ExportConfig(mode="hotswap"))
     export_merged(tiny_model("bert"), None, folders["bert"])
-    write_ort_adapter(y, tmp / "y.onnx_adapter", set(read_meta(folders["hotswap"])["lora_inputs"]))
+    write_ort_adapter(y, tmp / "y.onnx_adapter", set(read_meta(folders["hotswap"]).lora_inputs))
     folders["y"] = tmp / "y.onnx_adapter"
     return folders
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from types import SimpleNamespace
 
 import numpy as np
 import onnx
@@ -18,10 +17,8 @@ from edge_lora.config import ExportConfig, load_profile
 from edge_lora.runtimes.hotswap import HotswapSession
 from edge_lora.runtimes.ort_session import full_feeds, load_session
 from edge_lora.stages.export_onnx import ADAPTER_FILE, MODEL_FILE, export_hotswap, export_merged
-from edge_lora.stages.hotswap_quant import is_quantized_adapter
 from edge_lora.stages.merge import merge
 from edge_lora.stages.quantize_base import QuantizeConfig, QuantizeConfigError, quantize_base
-from edge_lora.stages.quantize_base import _stage as quantize_stage
 
 IDS = np.random.default_rng(0).integers(0, 128, size=(2, 9))
 
@@ -203,25 +200,33 @@ def test_unknown_quantize_key_is_refused(tmp_path):
         load_profile(path)
 
 
-# ------------------------------------------------------------------------------------------ the adapter file
+# ------------------------------------------------------------------------------------------ the adapter
+# The adapter's factors are quantized by the one factor quantizer before the export (pipeline._quantize_adapter),
+# so these run whole exports: what ships is what the device runs.
 @pytest.fixture(scope="module")
-def hotswap_export(tmp_path_factory):
-    """A float hot-swap export of tiny llama with its adapter file, and the adapter it was written from."""
+def pipeline_inputs(tmp_path_factory):
+    """A tiny llama folder and an adapter whose factors do not swamp its weights (conftest's are std 0.3)."""
+    from edge_lora.adapter import LoraModule, save_peft
+
     root = tmp_path_factory.mktemp("qadapter")
     kind, kwargs = ADAPTER_TABLE["llama-all7"]
-    make_peft_adapter(kind, kwargs, root / "adapter")
-    adapter = load_peft(root / "adapter")
-    for m in adapter.modules.values():   # conftest's factors swamp the tiny weights (see test_hotswap_quant)
-        m.B = m.B * 0.1
-    folder = root / "hs"
-    folder.mkdir()
-    export_hotswap(tiny_model(kind), None, adapter, folder, ExportConfig(mode="hotswap"))
-    return folder, adapter
+    make_peft_adapter(kind, kwargs, root / "raw")
+    raw = load_peft(root / "raw")
+    small = raw.replace_modules({n: LoraModule(name=m.name, kind=m.kind, A=m.A, B=m.B * 0.1, scale=m.scale,
+                                               alpha=m.alpha) for n, m in raw.modules.items()}, form="peft")
+    save_peft(small, root / "adapter")
+    tiny_model(kind).save_pretrained(root / "llama")
+    return root
 
 
-def run_stage(folder, config, adapter=None):
-    ctx = SimpleNamespace(work_dir=folder, adapter=adapter, reports=[])
-    return quantize_stage(ctx, config)
+def export_with(root, out, mode: str, adapter: str, extra: str = "", adapter_dir=None):
+    from edge_lora.pipeline import run_export
+
+    stages = '["export", "quantize"]' if mode == "hotswap" else '["merge", "export", "quantize"]'
+    profile = out.parent / f"{out.name}.toml"
+    profile.write_text(f'[profile]\nstages = {stages}\n[export]\nmode = "{mode}"\n'
+                       f'[quantize]\nadapter = "{adapter}"\nadapter_block_size = 16\n{extra}')
+    return run_export(root / "llama", adapter_dir or root / "adapter", profile, out, show_progress=False)
 
 
 def adapter_effect(folder) -> np.ndarray:
@@ -230,78 +235,74 @@ def adapter_effect(folder) -> np.ndarray:
     return logits(folder, hs.run_options("x"), hs.session) - logits(folder, None, hs.session)
 
 
-@pytest.mark.parametrize("bits", ["int8", "int4"])
-@pytest.mark.parametrize("from_adapter", [True, False])
-def test_stage_quantizes_the_adapter_file_load_time(hotswap_export, tmp_path, bits, from_adapter):
-    """Load-time layout: the graph is untouched, the file is quantized and smaller, HotswapSession expands it."""
-    fp, adapter = hotswap_export
-    folder = copy_of(fp, tmp_path)
-    graph_before = (folder / MODEL_FILE).read_bytes()
-    before = (folder / ADAPTER_FILE).stat().st_size
-    report = run_stage(folder, QuantizeConfig(adapter=bits, adapter_block_size=16),
-                       adapter if from_adapter else None)
-    assert is_quantized_adapter(folder / ADAPTER_FILE)
-    after = (folder / ADAPTER_FILE).stat().st_size
-    assert after < (0.45 if bits == "int8" else 0.35) * before   # 8 or 4 bits + an fp32 scale per 16 values
-    assert report.metrics["adapter_bytes_before"] == before and report.metrics["adapter_bytes_after"] == after
-    assert (folder / MODEL_FILE).read_bytes() == graph_before
-    meta = json.loads((folder / "edge_lora.json").read_text())
-    assert meta["adapter_quantization"] == {"adapter": bits, "block_size": 16, "layout": "load-time",
-                                            "bytes_before": before, "bytes_after": after}
-    assert "base_quantization" not in meta   # base = "none"
-    assert not [p for p in folder.iterdir() if p.name.endswith(".tmp")]
-    assert rel_err(adapter_effect(folder), adapter_effect(fp)) < (0.03 if bits == "int8" else 0.3)
+@pytest.mark.parametrize("setting, tolerance", [("int8", 0.03), ("int4", 0.3), ("mixed:4", 0.5)])
+def test_hotswap_export_ships_the_codes_of_the_one_quantizer(pipeline_inputs, tmp_path, setting, tolerance):
+    """The adapter file holds the codes (smaller than the float file), the graph stays float, the runtime expands
+    the codes at load, and the adapter does what the float adapter does, within the quantization error."""
+    from edge_lora.formats import ort_adapter
+
+    fp = tmp_path / "fp"
+    export_with(pipeline_inputs, fp, "hotswap", "fp32")
+    q = tmp_path / "q"
+    report = export_with(pipeline_inputs, q, "hotswap", setting)
+    assert ort_adapter.read(q / ADAPTER_FILE).is_quantized and not ort_adapter.read(fp / ADAPTER_FILE).is_quantized
+    assert (q / ADAPTER_FILE).stat().st_size < 0.6 * (fp / ADAPTER_FILE).stat().st_size
+    graph = onnx.load(str(q / MODEL_FILE)).graph
+    assert all(i.type.tensor_type.elem_type == onnx.TensorProto.FLOAT for i in graph.input if i.name.startswith("lora."))
+    stage = next(s for s in report["stages"] if s["stage"] == "quantize_adapter")
+    assert stage["metrics"]["size_ratio_vs_fp16_peft"] > 1 and stage["metrics"]["rel_error_vs_original_worst"] < 1
+    meta = json.loads((q / "edge_lora.json").read_text())
+    expected = ({"bits": int(setting[3:]), "mixed_avg_bits": None} if setting.startswith("int")
+                else {"bits": None, "mixed_avg_bits": float(setting[6:])})
+    assert {k: meta["adapter_quantization"][k] for k in ("bits", "mixed_avg_bits")} == expected
+    assert meta["adapter_quantization"]["group_size"] == 16
+    assert rel_err(adapter_effect(q), adapter_effect(fp)) < tolerance
 
 
-def test_stage_in_graph_layout_quantizes_the_graph_too(hotswap_export, tmp_path):
-    fp, adapter = hotswap_export
-    folder = copy_of(fp, tmp_path)
-    run_stage(folder, QuantizeConfig(adapter="int8", adapter_block_size=16, adapter_layout="in-graph"), adapter)
-    inputs = {i.name for i in onnx.load(str(folder / MODEL_FILE)).graph.input}
-    assert any(n.endswith(".codes") for n in inputs) and not any(n.endswith(".A") for n in inputs)
-    assert rel_err(adapter_effect(folder), adapter_effect(fp)) < 0.03
+def test_hotswap_export_with_a_quantized_base_and_adapter(pipeline_inputs, tmp_path):
+    fp, q = tmp_path / "fp", tmp_path / "q"
+    export_with(pipeline_inputs, fp, "hotswap", "fp32")
+    report = export_with(pipeline_inputs, q, "hotswap", "int4", 'base = "int8"\nblock_size = 16\n')
+    meta = json.loads((q / "edge_lora.json").read_text())
+    assert meta["base_quantization"]["base"] == "int8" and meta["adapter_quantization"]["bits"] == 4
+    assert next(s for s in report["stages"] if s["stage"] == "quantize")["metrics"]["int8_matmuls"] > 0
+    assert rel_err(adapter_effect(q), adapter_effect(fp)) < 0.35
 
 
-def test_stage_with_base_and_adapter(hotswap_export, tmp_path):
-    fp, adapter = hotswap_export
-    folder = copy_of(fp, tmp_path)
-    report = run_stage(folder, QuantizeConfig(base="int8", block_size=16, adapter="int4", adapter_block_size=16),
-                       adapter)
-    meta = json.loads((folder / "edge_lora.json").read_text())
-    assert meta["base_quantization"]["base"] == "int8" and meta["adapter_quantization"]["adapter"] == "int4"
-    assert report.metrics["int8_matmuls"] > 0 and report.metrics["adapter_bytes_after"] > 0
-    assert rel_err(adapter_effect(folder), adapter_effect(fp)) < 0.35
+def test_merged_export_folds_in_the_dequantized_expansion(pipeline_inputs, tmp_path):
+    """A merged profile with quantize.adapter merges what the codes stand for: the same model as the hot-swap
+    export running the same codes."""
+    merged, hot = tmp_path / "merged", tmp_path / "hot"
+    export_with(pipeline_inputs, merged, "merged", "int4")
+    export_with(pipeline_inputs, hot, "hotswap", "int4")
+    hs = HotswapSession(hot)
+    hs.load_adapter("x", hot / ADAPTER_FILE)
+    np.testing.assert_allclose(logits(merged), logits(hot, hs.run_options("x"), hs.session), rtol=1e-4, atol=1e-4)
 
 
-def test_fp32_adapter_leaves_the_file_alone(hotswap_export, tmp_path):
-    fp, adapter = hotswap_export
-    folder = copy_of(fp, tmp_path)
-    before = (folder / ADAPTER_FILE).read_bytes()
-    run_stage(folder, QuantizeConfig(), adapter)
-    assert (folder / ADAPTER_FILE).read_bytes() == before
-    assert "adapter_quantization" not in json.loads((folder / "edge_lora.json").read_text())
+def test_compress_bits_folder_ships_as_it_is(pipeline_inputs, tmp_path):
+    """`compress --bits` output → export: the adapter file carries exactly the compress codes, and a profile's own
+    quantize.adapter is not applied on top (the report says so)."""
+    from edge_lora.cli import main
+    from edge_lora.formats import ort_adapter
+    from edge_lora.formats.quantized_factors import read_file
 
-
-def test_merged_export_with_quantized_adapter_is_refused(merged_export, tmp_path):
-    folder = copy_of(merged_export, tmp_path)
-    before = (folder / MODEL_FILE).read_bytes()
-    with pytest.raises(QuantizeConfigError, match="merged export has no separate adapter; use a hot-swap profile"):
-        run_stage(folder, QuantizeConfig(base="int8", adapter="int4"))
-    assert (folder / MODEL_FILE).read_bytes() == before   # refused before the base was touched
-
-
-def test_already_quantized_adapter_file_is_refused(hotswap_export, tmp_path):
-    fp, adapter = hotswap_export
-    folder = copy_of(fp, tmp_path)
-    run_stage(folder, QuantizeConfig(adapter="int8", adapter_block_size=16), adapter)
-    with pytest.raises(QuantizeConfigError, match="already quantized"):
-        run_stage(folder, QuantizeConfig(adapter="int8", adapter_block_size=16), adapter)
+    assert main(["compress", str(pipeline_inputs / "adapter"), "--out", str(tmp_path / "c"), "--budget", "0.3",
+                 "--bits", "mixed:3.0", "--group-size", "16"]) == 0
+    report = export_with(pipeline_inputs, tmp_path / "q", "hotswap", "int8", adapter_dir=tmp_path / "c")
+    shipped = ort_adapter.read(tmp_path / "q" / ADAPTER_FILE).quantized()
+    on_disk = read_file(tmp_path / "c" / "quantized.safetensors")
+    assert shipped.header() == on_disk.header()
+    for k, v in on_disk.arrays().items():
+        np.testing.assert_array_equal(shipped.arrays()[k], v)
+    stage = next(s for s in report["stages"] if s["stage"] == "quantize_adapter")
+    assert "already quantized by compress --bits" in stage["skipped"][0]
 
 
 @pytest.mark.parametrize("kwargs, words", [
-    (dict(adapter="int3"), "quantize.adapter"),
+    (dict(adapter="int5"), "quantize.adapter"),
     (dict(adapter="fp16"), "quantize.adapter"),
-    (dict(adapter="int4", adapter_layout="fast"), "quantize.adapter_layout"),
+    (dict(adapter="mixed:x"), "quantize.adapter"),
     (dict(adapter="int4", adapter_block_size=4), "adapter_block_size"),
     (dict(adapter="int4", adapter_block_size=True), "adapter_block_size"),
     (dict(adapter="int4", adapter_block_size=32.0), "adapter_block_size"),
@@ -311,23 +312,13 @@ def test_bad_adapter_settings_are_profile_errors(kwargs, words):
         QuantizeConfig(**kwargs)
 
 
-def test_hotswap_int4_profile_quantizes_the_adapter_at_load_time():
-    config = load_profile("cpu-int4-hotswap").config("quantize")
-    assert config.adapter in ("int4", "int8") and config.adapter_layout == "load-time"
+def test_retired_adapter_layout_key_is_refused(tmp_path):
+    path = tmp_path / "p.toml"
+    path.write_text('[profile]\nstages = ["export", "quantize"]\n[export]\nmode = "hotswap"\n'
+                    '[quantize]\nadapter = "int4"\nadapter_layout = "in-graph"\n')
+    with pytest.raises(ProfileError, match="unknown key.*adapter_layout"):
+        load_profile(path)
 
 
-def test_base_only_hotswap_export(tmp_path):
-    """No adapter file: load-time has nothing to do (and says so); in-graph still makes the graph take quantized
-    adapter files."""
-    kind, _ = ADAPTER_TABLE["llama-all7"]
-    targets = [f"model.layers.{i}.self_attn.{m}" for i in (0, 1) for m in ("q_proj", "o_proj")]
-    fp = tmp_path / "base-only"
-    fp.mkdir()
-    export_hotswap(tiny_model(kind), None, None, fp, ExportConfig(mode="hotswap", hotswap_targets=targets))
-    folder = copy_of(fp, tmp_path)
-    report = run_stage(folder, QuantizeConfig(adapter="int4", adapter_block_size=16))
-    assert any("no adapter.onnx_adapter" in s for s in report.skipped)
-    assert (folder / MODEL_FILE).read_bytes() == (fp / MODEL_FILE).read_bytes()
-    run_stage(folder, QuantizeConfig(adapter="int4", adapter_block_size=16, adapter_layout="in-graph"))
-    inputs = {i.name for i in onnx.load(str(folder / MODEL_FILE)).graph.input}
-    assert any(n.endswith(".codes") for n in inputs)
+def test_hotswap_int4_profile_quantizes_the_adapter():
+    assert load_profile("cpu-int4-hotswap").config("quantize").adapter == "int4"

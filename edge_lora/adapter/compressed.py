@@ -30,12 +30,14 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import torch
 
 from edge_lora.adapter import Adapter, LoraModule
 from edge_lora.errors import AdapterError
+from edge_lora.files import atomic_file
 
 FORMAT = "edge_lora.compressed"
 VERSION = 1
@@ -89,8 +91,10 @@ def expand_module(group: CompressedGroup, name: str) -> tuple[torch.Tensor, torc
     return ((left @ Uc[:, keep]) * root).float(), (root[:, None] * (Vch[keep] @ right)).float()
 
 
-@dataclass
+@dataclass(frozen=True, eq=False)
 class CompressedAdapter:
+    """Frozen (its groups are built by the compress stage, then only read); ``expanded`` is computed once."""
+
     groups: list[CompressedGroup]
     kinds: dict[str, str]                       # module name -> "linear" | "embedding"
     biases: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -113,6 +117,11 @@ class CompressedAdapter:
             if name in g.modules:
                 return g
         raise KeyError(name)
+
+    @cached_property
+    def expanded(self) -> Adapter:
+        """:meth:`to_adapter`, computed once (the stages that need one ΔW per module all read this)."""
+        return self.to_adapter()
 
     def to_adapter(self) -> Adapter:
         """Per-module B, A (scale 1): the plain LoRA adapter this file stands for; ``save_peft`` writes it."""
@@ -157,9 +166,8 @@ class CompressedAdapter:
         # zero-size tensors (rank-0 modules) are implied by the header; safetensors need not hold them
         tensors = {k: t.to(dtype).contiguous() for k, t in tensors.items() if t.numel() > 0}
         path = folder / FILE_NAME
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(tensors, str(tmp), metadata={"edge_lora": json.dumps(self.header())})
-        os.replace(tmp, path)
+        with atomic_file(path) as tmp:
+            save_file(tensors, str(tmp), metadata={"edge_lora": json.dumps(self.header())})
         return path
 
     @classmethod

@@ -15,8 +15,10 @@ import math
 import os
 import re
 from collections import Counter
+import typing
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -46,12 +48,20 @@ _LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A\.weight|lora_B\.weight
                        r"lora_embedding_A|lora_embedding_B)$")
 
 
-@dataclass
+ModuleKind = Literal["linear", "embedding"]
+# "peft" as imported; "pruned" (rank-0 modules dropped), "canonical" (gauge-fixed SVD form), "compressed" and
+# "quantized" (the float expansion of a CompressedAdapter / QuantizedAdapter)
+AdapterForm = Literal["peft", "pruned", "canonical", "compressed", "quantized"]
+FORMS = typing.get_args(AdapterForm)
+
+
+@dataclass(frozen=True)
 class LoraModule:
-    """One adapted module. ``bias`` (PEFT ``lora_bias``) is added as ``scale · bias``, like PEFT does."""
+    """One adapted module. ``bias`` (PEFT ``lora_bias``) is added as ``scale · bias``, like PEFT does. Frozen:
+    a stage that changes a module makes a new one (``dataclasses.replace``)."""
 
     name: str                  # module path in the base model, e.g. "model.layers.0.self_attn.q_proj"
-    kind: str                  # "linear" or "embedding"
+    kind: ModuleKind
     A: torch.Tensor            # r × d_in, float32
     B: torch.Tensor            # d_out × r, float32
     scale: float
@@ -80,7 +90,7 @@ class LoraModule:
         return self.scale * (self.B.double() @ self.A.double())
 
 
-@dataclass
+@dataclass(frozen=True)
 class Adapter:
     """A LoRA adapter: its modules (sorted by name), the PEFT config it came with, and any full tensors
     PEFT saved beside the factors (``modules_to_save``, trained biases, embedding copies), keyed by their
@@ -91,7 +101,11 @@ class Adapter:
     extra_tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     source: str | None = None
     storage_dtype: str = "float32"   # dtype of the factors in the source file (sizes are reported in it)
-    form: str = "peft"  # "peft" as imported; "pruned", "canonical", "compressed", "quantized" after stages
+    form: AdapterForm = "peft"
+
+    def __post_init__(self):
+        if self.form not in FORMS:
+            raise ValueError(f"Adapter.form must be one of {FORMS}, not {self.form!r}")
 
     @property
     def params(self) -> int:

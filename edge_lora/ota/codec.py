@@ -10,9 +10,9 @@ copy-ops blob (before zstd):
 from __future__ import annotations
 
 import hashlib
-import json
 import struct
 
+from edge_lora.files import SafetensorsHeaderError, parse_safetensors_header
 from edge_lora.ota.container import Limits
 from edge_lora.ota.errors import DeltaError, FormatError, IntegrityError, SizeLimitError
 
@@ -96,21 +96,12 @@ def zstd_decompress(data: bytes, size: int, where: str, limits: Limits, old: byt
 # ------------------------------------------------------------------------------------------ copy-ops delta
 def safetensors_layout(data: bytes) -> tuple[int, dict[str, tuple[str, tuple, int, int]]] | None:
     """(end of header, {tensor: (dtype, shape, start, end)}) with absolute offsets, or None if not safetensors."""
-    if len(data) < 8:
-        return None
-    n = struct.unpack("<Q", data[:8])[0]
-    if n > len(data) - 8 or n > 100 << 20:
-        return None
     try:
-        header = json.loads(data[8:8 + n])
-    except (ValueError, UnicodeDecodeError):
-        return None
-    if not isinstance(header, dict):
+        n, header, _ = parse_safetensors_header(data)
+    except SafetensorsHeaderError:
         return None
     out = {}
     for name, info in header.items():
-        if name == "__metadata__":
-            continue
         try:
             start, end = (int(x) for x in info["data_offsets"])
             out[name] = (str(info["dtype"]), tuple(info["shape"]), 8 + n + start, 8 + n + end)

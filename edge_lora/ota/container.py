@@ -25,10 +25,9 @@ from __future__ import annotations
 import os
 import re
 import struct
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 
+from edge_lora.files import fsync_dir, write_bytes_atomic  # noqa: F401  (fsync_dir: install.py)
 from edge_lora.ota.errors import FormatError, SizeLimitError, UnsafeEntryError
 
 MAGIC = b"\x89ELPKG\r\n"
@@ -201,29 +200,5 @@ def pack_container(manifest_bytes: bytes, signature: bytes, key_id_hex: str,
     return b"".join(out)
 
 
-def write_atomic(path: str | os.PathLike, data: bytes, mode: int = 0o644) -> Path:
-    """Write a file under a temporary name, fsync it, rename it into place, fsync the folder."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    fsync_dir(path.parent)
-    return path
-
-
-def fsync_dir(path: str | os.PathLike) -> None:
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+# The atomic writers live in edge_lora.files (stdlib only, the one place); importable from here for ota callers.
+write_atomic = write_bytes_atomic

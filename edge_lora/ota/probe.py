@@ -28,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
+from edge_lora.errors import ExportMetaError
+from edge_lora.formats.export_meta import ExportMeta, export_folder_hash
 from edge_lora.ota.codec import safetensors_layout
 from edge_lora.ota.errors import PackageError, ProbeError
 
@@ -234,23 +236,13 @@ def run_torch_logits(probe: dict, files: dict[str, bytes], version_dir: Path, ba
 
 
 # ----------------------------------------------------------------------------------------------- ort
-ORT_EXPORT_META = "edge_lora.json"
-
-
 def export_model_sha256(export_dir) -> str:
-    """Identity of a hot-swap export: sha256 over the name and bytes of model.onnx and its external data files
-    (model.onnx*), in name order. The adapter file beside it is not part of it."""
-    folder = Path(export_dir)
-    files = sorted(p for p in folder.iterdir() if p.name.startswith("model.onnx") and p.is_file())
-    if not any(p.name == "model.onnx" for p in files):
-        raise ProbeError(f"{folder} has no model.onnx; it is not a hot-swap export folder.")
-    h = hashlib.sha256()
-    for f in files:
-        h.update(f.name.encode() + b"\0")
-        with open(f, "rb") as fh:
-            while block := fh.read(1 << 20):
-                h.update(block)
-    return h.hexdigest()
+    """Identity of a hot-swap export: :func:`edge_lora.formats.export_meta.export_folder_hash` (model.onnx and
+    its external data; not the adapter file beside it), as a ProbeError when the folder is no export."""
+    try:
+        return export_folder_hash(export_dir)
+    except ExportMetaError as exc:
+        raise ProbeError(f"{exc} It is not a hot-swap export folder.") from None
 
 
 def _export_vocab(export_dir: Path) -> int:
@@ -287,8 +279,7 @@ def build_ort(export_dir, adapter_file, adapter_name: str | None = None, seq_len
         raise ProbeSkipped("onnxruntime is not installed") from exc
     export_dir = Path(export_dir)
     vocab = _export_vocab(export_dir)
-    meta_path = export_dir / ORT_EXPORT_META
-    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    meta = ExportMeta.read(export_dir)
     ids = [det_indices(f"ids|{i}", vocab, 1)[0] for i in range(seq_len)]
     base_out, out = _ort_outputs(export_dir, adapter_file, [ids])
     base_out, out = base_out[0], out[0]
@@ -298,8 +289,8 @@ def build_ort(export_dir, adapter_file, adapter_name: str | None = None, seq_len
     expected = [[float(out[p, top1[p]])] + [float(out[p, c]) for c in check] for p in range(out.shape[0])]
     margin = [float(out[p, top[p, 0]] - out[p, top[p, 1]]) for p in range(out.shape[0])]
     return {"kind": "ort", "adapter": adapter_name or Path(adapter_file).name,
-            "export": {"model_sha256": export_model_sha256(export_dir), "base_sha256": meta.get("base_sha256"),
-                       "lora_inputs": len(meta.get("lora_inputs") or [])},
+            "export": {"model_sha256": export_model_sha256(export_dir), "base_sha256": meta.base_sha256,
+                       "lora_inputs": len(meta.lora_inputs)},
             "input_ids": [ids], "top1": [int(v) for v in top1],
             "top1_sha256": hashlib.sha256(np.asarray(top1, "<i8").tobytes()).hexdigest(),
             "check_ids": check, "expected": expected, "margin": margin, "atol": atol, "rtol": rtol,

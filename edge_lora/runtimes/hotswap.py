@@ -15,22 +15,13 @@ from pathlib import Path
 import numpy as np
 
 from edge_lora.errors import AdapterError
+from edge_lora.formats import ort_adapter
+from edge_lora.formats.export_meta import FILE as META_FILE, ExportMeta, LoraGroup
 from edge_lora.runtimes.ort_session import full_feeds, load_session, probe_ids
-from edge_lora.stages.hotswap_quant import (
-    expand_quantized_adapter,
-    is_quantized_adapter,
-    load_float_ort_adapter,
-)
 
 
 def adapter_parameter_names(path: str | os.PathLike) -> list[str]:
-    import onnxruntime as ort
-
-    try:
-        fmt = ort.AdapterFormat.read_adapter(str(path))
-    except Exception as exc:
-        raise AdapterError(f"{path} is not an ONNX Runtime adapter file: {exc}") from exc
-    return sorted(fmt.get_parameters())
+    return ort_adapter.parameter_names(path)
 
 
 class HotswapSession:
@@ -48,14 +39,24 @@ class HotswapSession:
         self._run_options: dict[str, object] = {}    # name -> RunOptions with that adapter active
         self._probe_base: np.ndarray | None = None
 
+    def _meta(self) -> ExportMeta | None:
+        """The export's edge_lora.json (a damaged one raises ExportMetaError); None for a bare model folder."""
+        return ExportMeta.read(self.folder) if (self.folder / META_FILE).is_file() else None
+
+    def _groups(self) -> list[LoraGroup]:
+        """The export's plain LoRA branches (edge_lora.json ``lora_groups``): what a quantized file is laid out
+        for; empty when it records none."""
+        meta = self._meta()
+        return list(meta.lora_groups) if meta is not None else []
+
+    def _unreachable(self) -> list[str]:
+        """Modules the export adapted whose output reaches no graph output (edge_lora.json ``lora_unreachable``)."""
+        meta = self._meta()
+        return list(meta.lora_unreachable) if meta is not None else []
+
     def _fused_modules(self) -> set[str]:
-        """Modules that share a LoRA branch with others in this export (from edge_lora.json, if present)."""
-        meta = self.folder / "edge_lora.json"
-        try:
-            groups = json.loads(meta.read_text()).get("lora_groups") or [] if meta.is_file() else []
-        except (OSError, ValueError):
-            return set()
-        return {m for g in groups if len(g.get("modules", [])) > 1 for m in g["modules"]}
+        """Modules that share a LoRA branch with others in this export."""
+        return {m for g in self._groups() if len(g.modules) > 1 for m in g.modules}
 
     @property
     def adapters(self) -> list[str]:
@@ -70,13 +71,9 @@ class HotswapSession:
     def load_adapter(self, name: str, path: str | os.PathLike, check: bool = True) -> None:
         import onnxruntime as ort
 
-        params = adapter_parameter_names(path)
-        expanded = None
-        if is_quantized_adapter(params) and not set(params) <= set(self.lora_inputs):
-            # A quantized file on a float graph: dequantized once here, so decode runs at float-LoRA speed.
-            inputs = self.session.get_overridable_initializers()
-            expanded = expand_quantized_adapter(path, {i.name: i.shape for i in inputs})
-            params = sorted(expanded)
+        # A quantized file (the codes of the one factor quantizer) is expanded to float in memory here, laid out
+        # for this export's branches, so decode runs at float-LoRA speed; a float file is memory-mapped as it is.
+        adapter, params = ort_adapter.load(path, self._groups(), self._unreachable())
         unknown = sorted(set(params) - set(self.lora_inputs))
         fused = self._fused_modules()
         stale = [n for n in unknown if n.rpartition(".")[0].removeprefix("lora.") in fused]
@@ -90,11 +87,6 @@ class HotswapSession:
                                f"{stale[0].rpartition('.')[0].removeprefix('lora.')} into one LoRA branch with its "
                                "sibling projections (export.fuse_projections). Write the adapter file for this "
                                "export: write_ort_adapter(adapter, path, read_meta(folder)).")
-        if expanded is not None:
-            adapter = load_float_ort_adapter(expanded)
-        else:
-            adapter = ort.LoraAdapter()
-            adapter.Load(str(path))
         options = ort.RunOptions()
         options.add_active_adapter(adapter)
         if check:

@@ -30,6 +30,7 @@ import tempfile
 from pathlib import Path
 
 from edge_lora.errors import AdapterError, EdgeLoraError, ModelError
+from edge_lora.files import atomic_file
 from edge_lora.runtimes import RuntimeUnavailableError
 
 BUILD_HINT = "bash tools/build_llamacpp.sh"
@@ -339,17 +340,9 @@ def converters_dir() -> Path:
 @contextlib.contextmanager
 def _output_file(out: Path):
     """Yield a temp path beside ``out``; renamed to ``out`` when the block succeeds, removed otherwise, so an
-    interrupted conversion never leaves a file that looks done."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".partial", dir=out.parent)
-    os.close(fd)
-    try:
-        yield tmp
-        os.chmod(tmp, 0o644)  # mkstemp makes it 0600; a model file is not secret
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    interrupted conversion never leaves a file that looks done (edge_lora.files.atomic_file)."""
+    with atomic_file(out) as tmp:
+        yield str(tmp)
 
 
 def _run_converter(script: str, args: list[str], out: Path, what: str, error_cls) -> Path:

@@ -28,6 +28,7 @@ import tempfile
 from pathlib import Path
 
 from edge_lora.errors import ModelError, ProfileError
+from edge_lora.files import atomic_file, write_text_atomic
 from edge_lora.runtimes.ort_cpu import OrtCpuRunner
 from edge_lora.runtimes.ort_session import MODEL_FILE, session_options
 
@@ -63,22 +64,17 @@ def convert_to_ort(folder: str | os.PathLike) -> Path:
     stamp = _stamp(source)
     if target.is_file() and stamp_file.is_file() and json.loads(stamp_file.read_text()) == stamp:
         return target
-    tmp = cache / f".{ORT_FILE}.tmp-{os.getpid()}"
     opts = session_options(threads=1)
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.optimized_model_filepath = str(tmp)
     opts.add_session_config_entry("session.save_model_format", "ORT")
     try:
-        ort.InferenceSession(str(source), opts, providers=["CPUExecutionProvider"],
-                             disabled_optimizers=["NchwcTransformer"])
-        os.replace(tmp, target)
+        with atomic_file(target) as tmp:
+            opts.optimized_model_filepath = str(tmp)
+            ort.InferenceSession(str(source), opts, providers=["CPUExecutionProvider"],
+                                 disabled_optimizers=["NchwcTransformer"])
     except Exception as exc:
         raise ModelError(f"ONNX Runtime could not convert {source} to ORT format: {exc}") from exc
-    finally:
-        tmp.unlink(missing_ok=True)
-    stamp_tmp = cache / f".{ORT_FILE}.json.tmp-{os.getpid()}"
-    stamp_tmp.write_text(json.dumps(stamp))
-    os.replace(stamp_tmp, stamp_file)
+    write_text_atomic(stamp_file, json.dumps(stamp))
     return target
 
 

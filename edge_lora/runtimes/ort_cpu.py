@@ -15,29 +15,27 @@ from pathlib import Path
 import numpy as np
 
 from edge_lora.errors import ModelError
+# edge_lora.formats is torch-free: importing edge_lora.stages here would add ~220 MB (torch) to every runner
+# process whose memory the profiler measures.
+from edge_lora.formats.export_meta import FILE as META_FILE, ExportMeta
 from edge_lora.runtimes.ort_generate import OrtCausalLM
 from edge_lora.runtimes.ort_session import MODEL_FILE, empty_past, full_feeds, load_session
 
-# Same as edge_lora.stages.export_onnx.META_FILE (a test checks). Not imported from there: that module imports
-# torch, which would add ~220 MB to every runner process whose memory the profiler measures.
-META_FILE = "edge_lora.json"
 ENCODER_TASKS = ("feature-extraction",)
 
 
-def export_meta(folder: str | os.PathLike) -> dict:
-    """edge_lora.json of an export folder, with an error that says how to get one."""
-    folder = Path(folder)
-    if not folder.is_dir() or not (folder / META_FILE).is_file() or not (folder / MODEL_FILE).is_file():
-        raise ModelError(f"{folder} is not an edge_lora export folder (it needs {MODEL_FILE} and {META_FILE}); "
-                         "pass a folder written by `python -m edge_lora export`.")
-    try:
-        return json.loads((folder / META_FILE).read_text())
-    except ValueError as exc:
-        raise ModelError(f"{folder / META_FILE} is not valid JSON ({exc}); re-export the folder.") from exc
+def export_meta(folder: str | os.PathLike) -> ExportMeta:
+    """edge_lora.json of an export folder (ExportMeta.read, the same error as every other command), and the
+    model file it names."""
+    meta = ExportMeta.read(folder)
+    if not (Path(folder) / meta.model_file).is_file():
+        raise ModelError(f"{folder} has {META_FILE} but no {meta.model_file}; the export is incomplete: re-export "
+                         "the folder with `python -m edge_lora export`.")
+    return meta
 
 
 def model_precision(folder: str | os.PathLike) -> str:
-    """fp32 / fp16 / int8 / int4 of the base weights (edge_lora.json may say it): MatMulNBits' bit widths, else
+    """fp32 / fp16 / int8 / int4 of the base weights, derived from the graph: MatMulNBits' bit widths, else
     the element type holding most initializer bytes. Not op types alone: a quantized LoRA branch also has
     DequantizeLinear nodes on an fp32 base.
 
@@ -47,9 +45,7 @@ def model_precision(folder: str | os.PathLike) -> str:
 
     import onnx
 
-    meta = export_meta(folder)
-    if meta.get("precision"):
-        return str(meta["precision"])
+    export_meta(folder)
     proto = onnx.load(str(Path(folder) / MODEL_FILE), load_external_data=False)
     bits = sorted({a.i for n in proto.graph.node if n.op_type == "MatMulNBits" for a in n.attribute
                    if a.name == "bits"})
@@ -82,11 +78,11 @@ class OrtCpuRunner:
                  precision: str | None = None):
         self.folder = Path(folder)
         self.meta = export_meta(self.folder)
-        self.task = self.meta.get("task", "")
+        self.task = self.meta.task
         self.is_encoder = self.task in ENCODER_TASKS
         self.session = self._make_session(threads, spinning)
         self.hot = None
-        if self.meta.get("mode") == "hotswap":
+        if self.meta.hotswap:
             from edge_lora.runtimes.hotswap import HotswapSession
 
             self.hot = HotswapSession(self.folder, session=self.session)
@@ -96,7 +92,7 @@ class OrtCpuRunner:
         precision = precision or model_precision(self.folder)
         self.name = f"{self.runtime} {threads or 'all'}t {precision}"
         self.info = {"runtime": self.runtime, "provider": self.provider, "threads": threads, "spinning": spinning,
-                     "precision": precision, "model": str(self.model_path), "mode": self.meta.get("mode"),
+                     "precision": precision, "model": str(self.model_path), "mode": self.meta.mode,
                      "task": self.task}
         self.info["vocab_size"], self.info["max_positions"] = model_limits(self.folder)
         # what ships: model.ort, or model.onnx plus its external data files (model.onnx_data, ...)

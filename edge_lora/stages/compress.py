@@ -32,6 +32,7 @@ import torch
 
 from edge_lora.adapter import Adapter
 from edge_lora.adapter.compressed import CompressedAdapter, CompressedGroup, module_chain
+from edge_lora.files import write_text_atomic
 from edge_lora.errors import AdapterError, BudgetError
 from edge_lora.report import StageReport
 from edge_lora.stages import tensorize as tz
@@ -755,8 +756,8 @@ def _run_cli(args) -> int:
         markdown += "\n" + qreport.metrics["summary"] + "\n"
     if args.as_peft:
         save_peft(expansion, args.as_peft, overwrite=args.force)
-    (out / "report.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
-    (out / "report.md").write_text(markdown)
+    write_text_atomic(out / "report.json", json.dumps(report.to_dict(), indent=2) + "\n")
+    write_text_atomic(out / "report.md", markdown)
     write_plots(report, out)
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))

@@ -30,15 +30,13 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
-import json
 import logging
 import os
 import re
 import shutil
-import tempfile
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -47,9 +45,24 @@ import torch
 from edge_lora.adapter import Adapter, base_layer_shape, check_compatible
 from edge_lora.errors import CompatibilityError, ModelError
 from edge_lora.config import ExportConfig
+from edge_lora.files import fsync_and_replace, temp_folder_beside
 from edge_lora.report import StageReport
 
 # The LoRA input naming lives beside the fusion pass (which names group inputs); imported from here by callers.
+from edge_lora.formats import ort_adapter
+from edge_lora.formats.ort_adapter import ADAPTER_FILE, graph_arrays, graph_factors
+from edge_lora.formats.export_meta import (  # noqa: F401  (the format's names, importable from here)
+    FILE as META_FILE,
+    FORMAT_VERSION as META_VERSION,
+    MODEL_FILE,
+    AdapterQuantization,
+    AdapterRanks,
+    ExportMeta,
+    FusedProjections,
+    LoraChain,
+    LoraGroup,
+    export_folder_hash,
+)
 from edge_lora.passes.fuse import (  # noqa: F401
     RANK_DIM,
     fuse_projections,
@@ -59,19 +72,12 @@ from edge_lora.passes.fuse import (  # noqa: F401
     rank_dim,
 )
 
-MODEL_FILE = "model.onnx"
-ADAPTER_FILE = "adapter.onnx_adapter"
-META_FILE = "edge_lora.json"
-META_VERSION = 1
 TAG_RANK = 2
 
 
 def lora_input_arrays(module) -> tuple[np.ndarray, np.ndarray]:
-    """The factors as the graph takes them: A_in = Aᵀ (d_in × r), B_in = scale·Bᵀ (r × d_out), so the branch
-    is x·A_in·B_in = scale·(B·A·xᵀ)ᵀ. For embeddings d_in is the vocabulary and x·A_in is a row lookup."""
-    a = module.A.T.contiguous().float().numpy()
-    b = (module.scale * module.B.T).contiguous().float().numpy()
-    return np.ascontiguousarray(a), np.ascontiguousarray(b)
+    """A torch LoraModule's factors in graph layout (edge_lora.formats.ort_adapter.graph_factors)."""
+    return graph_factors(module.B.double().numpy(), module.A.double().numpy(), module.scale)
 
 
 def resolve_task(model, config: ExportConfig) -> str:
@@ -120,42 +126,33 @@ def optimum_export(model, out_dir: Path, task: str, config: ExportConfig) -> Non
         raise ModelError(f"optimum-onnx wrote no {MODEL_FILE} into {out_dir}: {sorted(p.name for p in out_dir.iterdir())}")
 
 
-def _io_names(path: Path) -> tuple[list[str], list[str]]:
+def graph_facts(path: Path) -> tuple[list[str], list[str], int | None]:
+    """(inputs without initializer-backed ones, outputs, default-domain opset) of an ONNX file, without its
+    external data."""
     import onnx
 
     proto = onnx.load(str(path), load_external_data=False)
     inits = {i.name for i in proto.graph.initializer}
-    return [i.name for i in proto.graph.input if i.name not in inits], [o.name for o in proto.graph.output]
+    opset = next((int(o.version) for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+    return [i.name for i in proto.graph.input if i.name not in inits], [o.name for o in proto.graph.output], opset
 
 
-def write_meta(out_dir: Path, meta: dict) -> dict:
-    inputs, outputs = _io_names(out_dir / MODEL_FILE)
-    meta = {"format_version": META_VERSION, **meta, "inputs": inputs, "outputs": outputs,
-            "model_file": MODEL_FILE,
-            "external_data": any(p.name.startswith(MODEL_FILE) and p.name != MODEL_FILE for p in out_dir.iterdir())}
-    (out_dir / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-    return meta
+def model_opset(path: Path) -> int | None:
+    """The default-domain (ai.onnx) opset an ONNX file imports: what a device runtime must support."""
+    return graph_facts(path)[2]
 
 
-def read_meta(folder: str | os.PathLike) -> dict:
-    path = Path(folder) / META_FILE
-    if not path.is_file():
-        raise ModelError(f"{folder} has no {META_FILE}; it is not an edge_lora export folder.")
-    return json.loads(path.read_text())
+def _new_meta(out_dir: Path, **values) -> ExportMeta:
+    """The ExportMeta of a just-exported folder: ``values`` plus what the graph on disk says."""
+    inputs, outputs, opset = graph_facts(out_dir / MODEL_FILE)
+    external = any(p.name.startswith(MODEL_FILE) and p.name != MODEL_FILE for p in out_dir.iterdir())
+    return ExportMeta(inputs=inputs, outputs=outputs, model_file=MODEL_FILE, external_data=external, opset=opset,
+                      folder=out_dir, **values)
 
 
-def update_meta(folder: str | os.PathLike, set_keys: dict, drop_keys: tuple[str, ...] = ()) -> dict:
-    """Rewrite edge_lora.json with ``set_keys`` set and ``drop_keys`` removed (temp file + rename: a crash leaves
-    the old file, never half of one). Later stages (quantize) record here what they did to the export."""
-    path = Path(folder) / META_FILE
-    meta = read_meta(folder)
-    meta.update(set_keys)
-    for key in drop_keys:
-        meta.pop(key, None)
-    tmp = path.with_name(f".{META_FILE}.tmp")
-    tmp.write_text(json.dumps(meta, indent=2) + "\n")
-    os.replace(tmp, path)
-    return meta
+def read_meta(folder: str | os.PathLike) -> ExportMeta:
+    """The export folder's edge_lora.json (:meth:`ExportMeta.read`)."""
+    return ExportMeta.read(folder)
 
 
 def _save_side_files(model, tokenizer, out_dir: Path) -> None:
@@ -166,41 +163,40 @@ def _save_side_files(model, tokenizer, out_dir: Path) -> None:
 
 # ------------------------------------------------------------------------------------------ merged
 def export_merged(model, tokenizer, out_dir: Path, config: ExportConfig = ExportConfig(),
-                  meta: dict | None = None) -> tuple[dict, StageReport]:
-    """Export a (merged) torch model into ``out_dir`` (which must exist and be empty)."""
+                  meta: dict | None = None) -> tuple[ExportMeta, StageReport]:
+    """Export a (merged) torch model into ``out_dir`` (which must exist and be empty) and write its
+    edge_lora.json. ``meta``: provenance fields of :class:`ExportMeta` (base, adapter_source, ...; paths relative
+    to ``out_dir``)."""
     start = time.perf_counter()
     task = resolve_task(model, config)
     optimum_export(model, out_dir, task, config)
     fused = rewrite_model(out_dir / MODEL_FILE, fuse_projections) if config.fuse_projections else None
     _save_side_files(model, tokenizer, out_dir)
-    info = write_meta(out_dir, {"mode": "merged", "task": task, "fused_projections": _fuse_summary(fused),
-                                **(meta or {})})
+    info = _new_meta(out_dir, mode="merged", task=task, fused_projections=_fuse_summary(fused), **(meta or {}))
+    info = info.write(out_dir)
     return info, _report(config, out_dir, info, start)
 
 
-def _fuse_summary(result: dict | None) -> dict | None:
+def _fuse_summary(result: dict | None) -> FusedProjections | None:
     if result is None:
         return None
-    return {"fused": result["fused"], "nodes_before": result["nodes_before"], "nodes_after": result["nodes_after"]}
+    return FusedProjections(int(result["fused"]), int(result["nodes_before"]), int(result["nodes_after"]))
 
 
-def _report(config: ExportConfig, out_dir: Path, info: dict, start: float) -> StageReport:
-    size = sum(p.stat().st_size for p in out_dir.iterdir() if p.name.startswith("model.onnx"))
+def _report(config: ExportConfig, out_dir: Path, info: ExportMeta, start: float) -> StageReport:
+    size = sum(p.stat().st_size for p in out_dir.iterdir() if p.name.startswith(MODEL_FILE))
     return StageReport(stage="export", config=asdict(config), seconds=time.perf_counter() - start,
-                       output_hash=onnx_folder_hash(out_dir),
-                       metrics={"mode": info["mode"], "task": info["task"], "model_bytes": size,
-                                "inputs": len(info["inputs"]), "outputs": len(info["outputs"]),
-                                "external_data": info["external_data"]})
+                       output_hash=export_folder_hash(out_dir),
+                       metrics={"mode": info.mode, "task": info.task, "model_bytes": size,
+                                "inputs": len(info.inputs), "outputs": len(info.outputs),
+                                "external_data": info.external_data, "opset": info.opset})
 
 
-def onnx_folder_hash(folder: Path) -> str:
+def _file_sha256(path: Path) -> str:
     h = hashlib.sha256()
-    for p in sorted(folder.iterdir()):
-        if p.name.startswith("model.onnx") or p.name == ADAPTER_FILE:
-            h.update(p.name.encode())
-            with open(p, "rb") as f:
-                while block := f.read(1 << 20):
-                    h.update(block)
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
     return h.hexdigest()
 
 
@@ -219,12 +215,13 @@ def rewrite_model(model_path: Path, fn):
     # ir.load reads external data lazily, from the files we are about to replace: write into a side folder
     # under the final names (the model refers to its data file by name), then move both into place.
     data = model_path.with_name(model_path.name + "_data")
-    side = Path(tempfile.mkdtemp(prefix=".rewrite-", dir=model_path.parent))
+    side = temp_folder_beside(model_path.with_name("rewrite"))
     try:
         ir.save(model, side / model_path.name, external_data=data.name if data.exists() else None)
         del model
-        for produced in side.iterdir():
-            os.replace(produced, model_path.parent / produced.name)
+        # data file first: a crash between the two leaves the old graph, which ignores the unknown tail
+        for produced in sorted(side.iterdir(), key=lambda p: p.name == model_path.name):
+            fsync_and_replace(produced, model_path.parent / produced.name)
     finally:
         shutil.rmtree(side, ignore_errors=True)
     return result
@@ -288,33 +285,7 @@ def lift_lora_inputs(model, branches: dict) -> dict[str, list[str]]:
 
 
 # ------------------------------------------------------------------------------------------ layout
-@dataclass(frozen=True)
-class LoraGroup:
-    """One LoRA branch of a hot-swap graph: the modules whose outputs it updates (one, or a fused group), the
-    graph inputs A (d_in × Σr) and B (Σr × Σd_out, block-diagonal), and each module's d_out in column order."""
-
-    name: str
-    inputs: tuple[str, str]
-    modules: tuple[str, ...]
-    d_in: int
-    d_out: tuple[int, ...]
-
-    def as_meta(self) -> dict:
-        return {"name": self.name, "inputs": list(self.inputs), "modules": list(self.modules), "d_in": self.d_in,
-                "d_out": list(self.d_out), "out_offsets": [int(o) for o in np.cumsum((0,) + self.d_out)[:-1]]}
-
-
-@dataclass(frozen=True)
-class LoraChain:
-    """A module of a compressed adapter's shared group: ``x·R·C·L`` with R (d_in × r_v), C (r_v × r_u),
-    L (r_u × d_out) in graph layout; a shared factor is the same input name in every module of its group."""
-
-    module: str
-    group: str
-    structure: str
-    inputs: tuple[str, str, str]   # R, C, L
-
-
+# LoraGroup and LoraChain are records of edge_lora.json: defined in edge_lora.formats.export_meta, imported above.
 SHARED_STRUCTURES = ("shared-out", "tucker2", "cp", "tt")
 
 
@@ -326,18 +297,12 @@ def lora_chain_input_names(module: str, group: str, structure: str) -> tuple[str
     return right, f"lora.{module}.G", f"lora.{group}.U"
 
 
-def _group_from_meta(g: dict) -> LoraGroup:
-    return LoraGroup(g["name"], tuple(g["inputs"]), tuple(g["modules"]), int(g["d_in"]), tuple(g["d_out"]))
-
-
 def hotswap_layout(adapter: Adapter, spec=None) -> list[LoraGroup]:
-    """The LoRA groups an adapter file must fill. ``spec``: an export's edge_lora.json dict (exact), or module
-    names (the export's branches; grouped by :func:`lora_groups`, shapes taken from ``adapter``), or None (the
-    adapter's own modules)."""
-    if isinstance(spec, dict):
-        if "lora_groups" in spec:
-            return [_group_from_meta(g) for g in spec["lora_groups"]]
-        spec = spec.get("lora_inputs") or []
+    """The LoRA groups an adapter file must fill. ``spec``: an export's :class:`ExportMeta` (exact: its
+    ``lora_groups``), or module names (the export's branches; grouped by :func:`lora_groups`, shapes taken from
+    ``adapter``), or None (the adapter's own modules)."""
+    if isinstance(spec, ExportMeta):
+        return list(spec.lora_groups)
     names = set(adapter.modules) if spec is None else set(spec)
     layout = []
     for modules in lora_groups(names):
@@ -364,48 +329,36 @@ def group_ranks(adapter: Adapter, group: LoraGroup) -> list[int]:
     return [adapter.modules[m].rank if m in adapter.modules else 0 for m in group.modules]
 
 
-def _rank_layout(ranks: list[int]) -> dict:
-    return {"ranks": ranks, "rank_offsets": [int(o) for o in np.cumsum([0, *ranks])[:-1]]}
 
 
 def lora_input_arrays_for(adapter, lora_inputs=None) -> dict[str, np.ndarray]:
-    """Graph-layout float32 arrays per LoRA input name: what an adapter file holds (and what a quantizer of the
-    LoRA inputs starts from). ``adapter``: an Adapter or a CompressedAdapter; ``lora_inputs``: as ``spec`` of
-    :func:`hotswap_layout`. A group of A_cat = [A_1 | A_2 …] and block-diagonal B; groups whose modules all have
-    rank 0 are left out (the graph's rank-0 default applies)."""
+    """Graph-layout float32 arrays per LoRA input name: what a float adapter file holds. ``adapter``: an Adapter,
+    a CompressedAdapter (shared chains get their R, C, L inputs) or a QuantizedAdapter (its float expansion);
+    ``lora_inputs``: as ``spec`` of :func:`hotswap_layout`. Groups whose modules all have rank 0 are left out (the
+    graph's rank-0 default applies)."""
     from edge_lora.adapter.compressed import CompressedAdapter
+    from edge_lora.adapter.quantized import QuantizedAdapter
 
     arrays: dict[str, np.ndarray] = {}
+    if isinstance(adapter, QuantizedAdapter):
+        adapter = adapter.expanded
     if isinstance(adapter, CompressedAdapter):
         arrays.update(_chain_arrays(adapter))
         adapter = _plain_part(adapter)
         if not adapter.modules:
             return arrays
-    for group in hotswap_layout(adapter, lora_inputs):
-        ranks = group_ranks(adapter, group)
-        if sum(ranks) == 0:
-            continue
-        a_cat = np.zeros((group.d_in, sum(ranks)), np.float32)
-        b_bd = np.zeros((sum(ranks), sum(group.d_out)), np.float32)
-        r0, c0 = 0, 0
-        for m, r, d in zip(group.modules, ranks, group.d_out):
-            if r:
-                a, b = lora_input_arrays(adapter.modules[m])
-                if a.shape[0] != group.d_in or b.shape[1] != d:
-                    raise CompatibilityError(f"adapter module {m} is {b.shape[1]}×{a.shape[0]}, the export's "
-                                             f"branch expects {d}×{group.d_in}; the adapter is for another base.")
-                a_cat[:, r0:r0 + r], b_bd[r0:r0 + r, c0:c0 + d] = a, b
-            r0, c0 = r0 + r, c0 + d
-        arrays[group.inputs[0]], arrays[group.inputs[1]] = a_cat, b_bd
+    factors = {n: (m.scale * m.B.double().numpy(), m.A.double().numpy()) for n, m in adapter.modules.items()}
+    layout = hotswap_layout(adapter, lora_inputs)
+    # the writer may hold modules the export adapted but could not reach (see export_hotswap's skipped note)
+    arrays.update(graph_arrays(factors, layout, unreachable=set(factors) - {m for g in layout for m in g.modules}))
     return arrays
 
 
 def _plain_part(compressed):
     """The modules of a compressed adapter's per-module (svd) groups, as a plain Adapter."""
-    plain = compressed.to_adapter()
+    plain = compressed.expanded
     shared = {m for g in compressed.groups if g.structure in SHARED_STRUCTURES for m in g.modules}
-    plain.modules = {n: m for n, m in plain.modules.items() if n not in shared}
-    return plain
+    return plain.replace_modules({n: m for n, m in plain.modules.items() if n not in shared})
 
 
 def lora_chains(compressed) -> list[LoraChain]:
@@ -434,22 +387,21 @@ def _chain_arrays(compressed) -> dict[str, np.ndarray]:
     return arrays
 
 
-def write_ort_adapter(adapter, path: Path, modules=None, adapter_version: int = 1,
-                      model_version: int = 1) -> list[str]:
-    """Write ``adapter`` (Adapter or CompressedAdapter) as an ONNX Runtime adapter file for a hot-swap export.
-    ``modules``: the export's edge_lora.json dict (preferred: exact layout), or its module names, or None (the
-    adapter's own modules); see :func:`hotswap_layout`. Returns the parameter names.
+def write_ort_adapter(adapter, path: Path, modules=None) -> list[str]:
+    """Write ``adapter`` as the ONNX Runtime adapter file of a hot-swap export (edge_lora.formats.ort_adapter):
+    a QuantizedAdapter as its codes (expanded to float when the device loads it), any other adapter as float
+    arrays. ``modules``: the export's edge_lora.json layout (preferred: exact), its module names, or None (the
+    adapter's own modules); see :func:`hotswap_layout`. Returns the parameter names the graph receives.
 
     The model-version field is not enforced by ORT; binding to the exact base is edge_lora.json's base_sha256.
     """
-    import onnxruntime as ort
+    from edge_lora.adapter.quantized import QuantizedAdapter
 
-    arrays = lora_input_arrays_for(adapter, modules)   # the OrtValues point into these: keep them alive
-    fmt = ort.AdapterFormat()
-    fmt.set_adapter_version(adapter_version)
-    fmt.set_model_version(model_version)
-    fmt.set_parameters({k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in arrays.items()})
-    fmt.export_adapter(str(path))
+    arrays = lora_input_arrays_for(adapter, modules)   # for a quantized adapter: checks it fits the layout
+    if isinstance(adapter, QuantizedAdapter):
+        ort_adapter.write_quantized(adapter.to_format(), path)
+    else:
+        ort_adapter.write_float(arrays, path)
     return sorted(arrays)
 
 
@@ -584,18 +536,21 @@ def _graph_pass(model, branches: dict, fuse: bool) -> dict:
 
 def export_hotswap(model, tokenizer, adapter, out_dir: Path,
                    config: ExportConfig = ExportConfig(mode="hotswap"), meta: dict | None = None
-                   ) -> tuple[dict, StageReport]:
+                   ) -> tuple[ExportMeta, StageReport]:
     """Export the (unmerged) base with a LoRA branch per target module; write ``adapter`` (if any) beside it.
 
     ``adapter``: an Adapter, a CompressedAdapter (modules of shared groups get a chain branch whose shared
-    factors are single graph inputs, unfused; per-module groups are plain LoRA), or None.
+    factors are single graph inputs, unfused; per-module groups are plain LoRA), a QuantizedAdapter (its codes
+    are the adapter file; the graph is float and the device expands them at load), or None.
     ``model`` is modified in place (its target modules are wrapped); pass a model you do not need afterwards.
     """
     from edge_lora.adapter.compressed import CompressedAdapter
+    from edge_lora.adapter.quantized import QuantizedAdapter
 
     start = time.perf_counter()
     compressed = adapter if isinstance(adapter, CompressedAdapter) else None
-    plain = compressed.to_adapter() if compressed is not None else adapter
+    quantized = adapter if isinstance(adapter, QuantizedAdapter) else None
+    plain = compressed.to_adapter() if compressed is not None else quantized.expanded if quantized else adapter
     if plain is not None:
         check_hotswappable(plain, model)
     targets = hotswap_targets(plain, config)
@@ -606,21 +561,25 @@ def export_hotswap(model, tokenizer, adapter, out_dir: Path,
     graph = rewrite_model(out_dir / MODEL_FILE, lambda m: _graph_pass(m, branches, config.fuse_projections))
     lora_inputs, groups = graph["lora_inputs"], graph["groups"]
     _save_side_files(model, tokenizer, out_dir)
-    layout = {"lora_inputs": lora_inputs, "lora_groups": [g.as_meta() for g in groups]}
-    extra = {}
-    if chains:
-        extra["lora_chains"] = [{"module": c.module, "group": c.group, "structure": c.structure,
-                                 "inputs": list(c.inputs)} for c in chains.values() if c.module in lora_inputs]
+    # the device's expansion of a quantized file must know these have no branch on purpose
+    unused = sorted(set(branches) - set(lora_inputs))
+    info = _new_meta(out_dir, mode="hotswap", task=task, lora_inputs=lora_inputs, lora_groups=groups,
+                     lora_chains=[c for c in chains.values() if c.module in lora_inputs], lora_unreachable=unused,
+                     fused_projections=_fuse_summary(graph["fused"]), **(meta or {}))
     if adapter is not None:
-        params = write_ort_adapter(adapter, out_dir / ADAPTER_FILE, layout)
-        extra.update(adapter_file=ADAPTER_FILE, adapter_parameters=len(params),
-                     adapter_ranks={g.name: _rank_layout(group_ranks(plain, g)) for g in groups})
-    info = write_meta(out_dir, {"mode": "hotswap", "task": task, **layout, **extra,
-                                "fused_projections": _fuse_summary(graph["fused"]), **(meta or {})})
+        params = write_ort_adapter(adapter, out_dir / ADAPTER_FILE, info)
+        qc = quantized.config if quantized is not None else None
+        info = replace(info, adapter_file=ADAPTER_FILE, adapter_parameters=len(params),
+                       adapter_ranks={g.name: AdapterRanks(group_ranks(plain, g)) for g in groups},
+                       adapter_quantization=None if qc is None else AdapterQuantization(
+                           bits=qc.bits, mixed_avg_bits=qc.mixed_avg_bits, group_size=qc.group_size,
+                           symmetric=qc.symmetric))
+    info = info.write(out_dir)
     report = _report(config, out_dir, info, start)
     report.metrics["lora_modules"] = len(lora_inputs)
-    report.metrics["lora_branches"] = len(groups) + len(extra.get("lora_chains", []))
-    unused = sorted(set(branches) - set(lora_inputs))
+    report.metrics["lora_branches"] = len(groups) + len(info.lora_chains)
+    if info.adapter_file:
+        report.metrics["adapter_file_sha256"] = _file_sha256(out_dir / info.adapter_file)
     if unused:
         report.skipped.append(f"{len(unused)} adapted module(s) do not reach the exported outputs and have no "
                               f"LoRA input: {', '.join(unused[:5])}")

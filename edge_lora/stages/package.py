@@ -16,6 +16,8 @@ from pathlib import Path
 
 from edge_lora import __version__
 from edge_lora.errors import CompatibilityError, PackageError
+from edge_lora.files import SafetensorsHeaderError, parse_safetensors_header, read_safetensors_header
+from edge_lora.formats.export_meta import FILE as EXPORT_META, MODEL_FILE, ExportMeta
 from edge_lora.ota import codec
 from edge_lora.ota.container import DEFAULT_LIMITS, Limits, check_name, pack_container, write_atomic
 from edge_lora.ota.manifest import FORMAT, FORMAT_VERSION, canonical_json, open_package, payload_digest
@@ -31,39 +33,36 @@ from edge_lora.ota.probe import (
 ROLES = {CONFIG_NAME: "peft-config", WEIGHTS_NAME: "peft-weights"}
 ORT_SUFFIX = ".onnx_adapter"
 SUMMARY_FILES = ("metrics.json", "report.json", "export.json")  # read for the validation/requirements summary
-EXPORT_META = "edge_lora.json"
 ORT_ADAPTER_FILE = "adapter.onnx_adapter"   # the hot-swap export's adapter file name (stages.export_onnx)
 
 
-def hotswap_export_meta(folder: str | os.PathLike) -> dict | None:
-    """edge_lora.json of a hot-swap export folder (model.onnx + edge_lora.json with mode 'hotswap'), else None."""
+def hotswap_export_meta(folder: str | os.PathLike) -> ExportMeta | None:
+    """The ExportMeta of a hot-swap export folder (model.onnx + edge_lora.json with mode 'hotswap'), else None.
+    A damaged edge_lora.json raises ExportMetaError, as in every other command."""
     folder = Path(folder)
-    meta_path = folder / EXPORT_META
-    if not (folder / "model.onnx").is_file() or not meta_path.is_file():
+    if not (folder / MODEL_FILE).is_file() or not (folder / EXPORT_META).is_file():
         return None
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (OSError, ValueError, UnicodeDecodeError):
-        return None
-    return meta if isinstance(meta, dict) and meta.get("mode") == "hotswap" else None
+    meta = ExportMeta.read(folder)
+    return meta if meta.hotswap else None
 
 
-def _ort_adapter_from_peft(src: Path, meta: dict) -> bytes:
-    """Write the PEFT adapter in ``src`` as an ONNX Runtime adapter for the export's LoRA inputs."""
+def _ort_adapter_from_peft(src: Path, meta: ExportMeta) -> bytes:
+    """The PEFT adapter in ``src`` as the adapter file of the export: float, or, when the export ships quantized
+    adapters, the codes of the one factor quantizer with the export's settings (its devices expect that)."""
     from edge_lora.adapter import load_peft
     from edge_lora.stages.export_onnx import write_ort_adapter
 
-    quant = meta.get("adapter_quantization") or {}
+    adapter = load_peft(src)
+    quant = meta.adapter_quantization
+    if quant is not None:
+        from edge_lora.stages.quantize_factors import FactorQuantConfig, quantize_adapter
+
+        adapter, _ = quantize_adapter(adapter, None, FactorQuantConfig(
+            bits=quant.bits, mixed_avg_bits=quant.mixed_avg_bits, group_size=quant.group_size,
+            symmetric=quant.symmetric))
     with tempfile.TemporaryDirectory(prefix="edge-lora-ort-") as tmp:
         path = Path(tmp) / ORT_ADAPTER_FILE
-        if quant.get("adapter") in ("int8", "int4"):
-            # the export ships a quantized adapter: the package carries the same kind (its devices expect it)
-            from edge_lora.stages.hotswap_quant import HotswapQuantConfig, write_quantized_ort_adapter
-
-            cfg = HotswapQuantConfig(bits=4 if quant["adapter"] == "int4" else 8, group_size=quant["block_size"])
-            write_quantized_ort_adapter(load_peft(src), path, cfg, meta)
-        else:
-            write_ort_adapter(load_peft(src), path, meta)   # the exact layout, fused groups included
+        write_ort_adapter(adapter, path, meta)   # the exact layout, fused groups included
         return path.read_bytes()
 
 
@@ -109,9 +108,15 @@ def _summaries(folder: Path) -> dict:
         except (ValueError, UnicodeDecodeError):
             continue
         if isinstance(data, dict):
+            # paths of the build machine mean nothing on a device and would be signed into the manifest
             out[name] = {k: v for k, v in list(data.items())[:64]
-                         if isinstance(v, (str, int, bool)) or (isinstance(v, float) and math.isfinite(v))}
+                         if (isinstance(v, str) and not _is_absolute_path(v)) or isinstance(v, (int, bool))
+                         or (isinstance(v, float) and math.isfinite(v))}
     return out
+
+
+def _is_absolute_path(text: str) -> bool:
+    return os.path.isabs(text) or text.startswith("~") or re.match(r"[A-Za-z]:[\\/]", text) is not None
 
 
 def _check_adapter(payload: dict[str, tuple[str, bytes]], base_path: Path | None) -> dict:
@@ -161,25 +166,23 @@ def _check_adapter(payload: dict[str, tuple[str, bytes]], base_path: Path | None
 
 
 def _base_shapes(folder: Path) -> dict[str, tuple]:
-    import struct
-
     shapes: dict[str, tuple] = {}
     for f in sorted(folder.glob("*.safetensors")):
-        with open(f, "rb") as fh:
-            n = struct.unpack("<Q", fh.read(8))[0]
-            header = json.loads(fh.read(min(n, 100 << 20)))
-        shapes.update({k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"})
+        try:
+            header, _ = read_safetensors_header(f)
+            shapes.update({k: tuple(v["shape"]) for k, v in header.items()})
+        except (OSError, SafetensorsHeaderError, KeyError, TypeError) as exc:
+            raise PackageError(f"base weights {f} are not a readable safetensors file ({exc}); check --base.") \
+                from None
     return shapes
 
 
 def _metadata(payload) -> dict:
     if WEIGHTS_NAME not in payload:
         return {}
-    data = payload[WEIGHTS_NAME][1]
-    n = int.from_bytes(data[:8], "little")
     try:
-        meta = json.loads(data[8:8 + n]).get("__metadata__") or {}
-    except (ValueError, AttributeError):
+        _, _, meta = parse_safetensors_header(payload[WEIGHTS_NAME][1])
+    except SafetensorsHeaderError:
         return {}
     return {k: str(v)[:200] for k, v in list(meta.items())[:16]}
 
@@ -216,9 +219,9 @@ def build_package(src, key, version: int, base, out, from_package=None, adapter_
             raise PackageError(f"--export {export_dir} is not a hot-swap export folder (model.onnx + edge_lora.json "
                                "with mode 'hotswap'); export with `python -m edge_lora export --profile "
                                "cpu-hotswap`.")
-        if export_meta.get("base_sha256") and export_meta["base_sha256"] != bhash:
+        if export_meta.base_sha256 and export_meta.base_sha256 != bhash:
             raise CompatibilityError(f"{export_dir}/{EXPORT_META} says the export is of base "
-                                     f"{export_meta['base_sha256'][:16]}…, but --base {base} is {bhash[:16]}…. "
+                                     f"{export_meta.base_sha256[:16]}…, but --base {base} is {bhash[:16]}…. "
                                      "Package it with the base the export was made from.")
         if not any(r == "ort-adapter" for r, _ in payload.values()):
             if WEIGHTS_NAME not in payload:
@@ -332,7 +335,7 @@ def build_package(src, key, version: int, base, out, from_package=None, adapter_
     requirements = {"min_reader_format": FORMAT_VERSION,
                     "runtimes": ({"peft": ">=0.13", "safetensors": ">=0.4"} if "peft-weights" in roles else {})
                     | ({"onnxruntime": ">=1.20"} if "ort-adapter" in roles else {}),
-                    "onnx_opset": export_summary.get("opset", (export_meta or {}).get("opset"))}
+                    "onnx_opset": export_meta.opset if export_meta is not None else export_summary.get("opset")}
     raw_total = sum(f["size"] for f in files)
     stored_total = sum(len(b) for _, b in blobs)
     compression = {"codec": "zstd", "level": level, "payload_bytes": raw_total, "stored_bytes": stored_total,

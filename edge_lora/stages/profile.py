@@ -96,14 +96,13 @@ def folder_variants(folder, runtime: str, threads: int, adapters: list[str] | No
     if runtime not in ORT_RUNTIMES:
         return [Variant(name + tag, runtime, str(folder), threads)]
     meta = export_meta(folder)
-    if meta.get("mode") != "hotswap":
+    if not meta.hotswap:
         if adapters:
-            raise ProfileError(f"--adapters needs a hot-swap export; {folder} is a {meta.get('mode')} export (the "
+            raise ProfileError(f"--adapters needs a hot-swap export; {folder} is a {meta.mode} export (the "
                                "adapter is merged into its weights).")
         return [Variant(name + tag, runtime, str(folder), threads)]
     if adapters is None:
-        own = meta.get("adapter_file")
-        adapters = [str(folder / own)] if own else []
+        adapters = [str(meta.path("adapter_file"))] if meta.adapter_file else []
     variants = [Variant(f"{name} no adapter{tag}", runtime, str(folder), threads, hotswap=True)]
     for path in adapters:
         if not Path(path).is_file():

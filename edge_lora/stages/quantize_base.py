@@ -39,8 +39,7 @@ BASE_CHOICES = ("none", "int8", "int4")
 METHODS = ("weight_only", "dynamic")
 HEAD_CHOICES = ("fp32", "int8", "int4")
 EMBEDDING_CHOICES = ("fp32", "int4")
-ADAPTER_CHOICES = ("fp32", "int8", "int4")
-ADAPTER_LAYOUTS = ("load-time", "in-graph")
+ADAPTER_CHOICES = ("fp32", "int8", "int4", "int3", "int2", "mixed:AVG_BITS")
 EXTERNAL_DATA_ABOVE = 1_800_000_000   # protobuf's 2 GB limit, with room for the graph itself
 
 
@@ -60,14 +59,13 @@ class QuantizeConfig:
     int8_modules: list = field(default_factory=list)   # int4 base: MatMuls whose name contains one stay int8
     lm_head: str = "int8"            # precision of the LM head: "fp32", "int8", "int4"
     embedding: str = "fp32"          # the input embedding table: "fp32" or "int4" (GatherBlockQuantized)
-    # Hot-swap exports: the adapter file's precision. "int8"/"int4" store codes + one fp32 scale per
-    # adapter_block_size values (stages/hotswap_quant.py). "load-time": the graph stays float and
-    # HotswapSession.load_adapter dequantizes the file once (decode at float-LoRA speed); "in-graph": the graph
-    # dequantizes every step (DequantizeLinear; measured 37-45% slower decode on SmolLM2), for runtimes that load
-    # adapter files without edge_lora.
+    # The adapter's factors, quantized by the one factor quantizer (stages/quantize_factors.py, as `compress
+    # --bits`) before the export: "int8".."int2" uniform widths, "mixed:AVG_BITS" per-component widths within an
+    # average budget, one fp16 scale per adapter_block_size values. A hot-swap export ships the codes in its
+    # adapter file (the graph stays float; the runtime expands them once at load, so decode runs at float-LoRA
+    # speed); a merged export folds their expansion in. An adapter from `compress --bits` ships as it is.
     adapter: str = "fp32"
     adapter_block_size: int = 32
-    adapter_layout: str = "load-time"
 
     def __post_init__(self):
         def choice(key, allowed):
@@ -80,13 +78,14 @@ class QuantizeConfig:
         choice("method", METHODS)
         choice("lm_head", HEAD_CHOICES)
         choice("embedding", EMBEDDING_CHOICES)
-        choice("adapter", ADAPTER_CHOICES)
-        choice("adapter_layout", ADAPTER_LAYOUTS)
+        if not _adapter_setting_ok(self.adapter):
+            raise QuantizeConfigError(f"quantize.adapter = {self.adapter!r} is not valid; use one of "
+                                      f"{', '.join(map(repr, ADAPTER_CHOICES))} (e.g. 'mixed:2.5').")
         if (not isinstance(self.adapter_block_size, int) or isinstance(self.adapter_block_size, bool)
                 or self.adapter_block_size < 8):
             raise QuantizeConfigError(f"quantize.adapter_block_size = {self.adapter_block_size!r}: use an integer "
                                       "≥ 8, best a power of two (32 keeps the most accuracy; each block costs one "
-                                      "fp32 scale).")
+                                      "fp16 scale).")
         if self.block_size < 16 or self.block_size & (self.block_size - 1):
             raise QuantizeConfigError(f"quantize.block_size = {self.block_size}: MatMulNBits needs a power of 2 "
                                       "≥ 16 (32 keeps the most accuracy, 128 the smallest scales).")
@@ -99,6 +98,18 @@ class QuantizeConfig:
         if not all(isinstance(m, str) and m for m in self.int8_modules):
             raise QuantizeConfigError(f"quantize.int8_modules must be a list of module-name parts such as "
                                       f"'down_proj', not {self.int8_modules!r}.")
+
+
+def _adapter_setting_ok(value) -> bool:
+    if not isinstance(value, str):
+        return False
+    if value.startswith("mixed:"):
+        try:
+            avg = float(value[len("mixed:"):])
+        except ValueError:
+            return False
+        return 0 < avg < 64
+    return value in ADAPTER_CHOICES[:-1]
 
 
 register_stage_config(STAGE, QuantizeConfig)
@@ -250,12 +261,15 @@ def _save_atomic(proto, model_path: Path) -> None:
                   location=data_name)
     else:
         onnx.save(proto, str(tmp))
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
+    from edge_lora.files import fsync_and_replace
+
+    if external:
+        with open(folder / data_name, "rb") as f:
+            os.fsync(f.fileno())
     for p in old_data:
         if not (external and p.name == data_name):
             p.unlink()
-    os.replace(tmp, model_path)
+    fsync_and_replace(tmp, model_path)
 
 
 # ------------------------------------------------------------------------------------------ stage
@@ -306,114 +320,39 @@ def quantize_base(model_path: str | os.PathLike, config: QuantizeConfig) -> tupl
     return summary, report
 
 
+def quantized_meta(meta, summary: dict, model_path: Path):
+    """``meta`` (an ExportMeta) updated with what :func:`quantize_base` did: ``base_quantization`` (the profiler
+    and the OTA packer label numbers with it) and the quantized graph's opset."""
+    from dataclasses import fields, replace
+
+    from edge_lora.formats.export_meta import BaseQuantization
+    from edge_lora.stages.export_onnx import model_opset
+
+    record = BaseQuantization(**{f.name: summary[f.name] for f in fields(BaseQuantization)})
+    return replace(meta, base_quantization=record, opset=model_opset(model_path))
+
+
 def record_in_meta(folder: Path, summary: dict) -> None:
-    """edge_lora.json says how the base was quantized (the profiler and OTA packer label numbers with it)."""
-    from edge_lora.stages.export_onnx import update_meta
+    """For a folder quantized outside the pipeline (tools/): read its edge_lora.json, record, write it back."""
+    from edge_lora.formats.export_meta import ExportMeta
 
-    update_meta(folder, {"base_quantization": {k: v for k, v in summary.items()
-                                               if k not in ("bytes_before", "ops_after")}})
-
-
-# ------------------------------------------------------------------------------------------ the adapter file
-MERGED_ADAPTER_MESSAGE = ("quantize.adapter = {!r}: a merged export has no separate adapter; use a hot-swap profile "
-                          "(export.mode = 'hotswap', e.g. cpu-int4-hotswap) or set quantize.adapter = 'fp32'.")
-
-
-def check_adapter_setting(folder: Path, config: QuantizeConfig) -> None:
-    """Refuse adapter quantization of a merged export before any work is done."""
-    from edge_lora.stages.export_onnx import read_meta
-
-    if config.adapter != "fp32" and read_meta(folder).get("mode") != "hotswap":
-        raise QuantizeConfigError(MERGED_ADAPTER_MESSAGE.format(config.adapter))
-
-
-def _float_file_arrays(path: Path) -> dict[str, np.ndarray]:
-    import onnxruntime as ort
-
-    return {k: np.array(v.numpy()) for k, v in ort.AdapterFormat.read_adapter(str(path)).get_parameters().items()}
-
-
-def quantize_adapter(folder: str | os.PathLike, config: QuantizeConfig, adapter=None) -> tuple[dict, dict]:
-    """Rewrite a hot-swap export's adapter file with int8/int4 codes + per-block scales (and, for
-    ``adapter_layout = "in-graph"``, its graph with DequantizeLinear on the LoRA inputs). ``adapter``: the
-    Adapter the export wrote the float file from, if at hand (it is quantized in its balanced gauge, which loses
-    less at the same bits); otherwise the float file's own factors are quantized. Returns (summary, metrics)."""
-    from edge_lora.stages.export_onnx import ADAPTER_FILE, MODEL_FILE, read_meta
-    from edge_lora.stages.hotswap_quant import (HotswapQuantConfig, block_axis, is_quantized_adapter,
-                                                quantize_hotswap_graph, quantized_input_names,
-                                                write_quantized_arrays, write_quantized_ort_adapter)
-
-    folder = Path(folder)
-    if config.adapter == "fp32":
-        return {}, {}
-    check_adapter_setting(folder, config)
-    cfg = HotswapQuantConfig(bits=4 if config.adapter == "int4" else 8, group_size=config.adapter_block_size)
-    path = folder / ADAPTER_FILE
-    summary = {"adapter": config.adapter, "block_size": config.adapter_block_size, "layout": config.adapter_layout}
-    metrics = {}
-    if path.is_file():
-        float_arrays = _float_file_arrays(path)
-        if is_quantized_adapter(float_arrays):
-            raise QuantizeConfigError(f"{path} is already quantized; the quantize stage runs once, on a fresh "
-                                      "export (run the export again with --force).")
-        before = path.stat().st_size
-        tmp = folder / f".{ADAPTER_FILE}.quantized.tmp"
-        try:
-            if adapter is not None:
-                rep = write_quantized_ort_adapter(adapter, tmp, cfg, read_meta(folder))
-                metrics["adapter_factor_rel_error_max"] = rep.metrics["factor_rel_error_max"]
-            else:
-                write_quantized_arrays(float_arrays, tmp, cfg)
-            written = set(_float_file_arrays(tmp))
-            # the quantized file must feed exactly the inputs the float one did (same export layout)
-            expect = {q for name in float_arrays
-                      for q in (quantized_input_names(name) if block_axis(name) is not None else (name,))}
-            if written != expect:
-                raise ModelError(f"the quantized adapter's parameters {sorted(written ^ expect)[:3]} differ "
-                                 f"from {path}'s; the adapter does not match this export's layout.")
-            del float_arrays
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-            if config.adapter_layout == "in-graph":
-                quantize_hotswap_graph(folder / MODEL_FILE, cfg)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
-        after = path.stat().st_size
-        summary.update(bytes_before=before, bytes_after=after)
-        metrics.update(adapter_bytes_before=before, adapter_bytes_after=after,
-                       adapter_size_ratio=before / after if after else None)
-    elif config.adapter_layout == "in-graph":   # a base-only export: its graph takes quantized adapters from now on
-        quantize_hotswap_graph(folder / MODEL_FILE, cfg)
-    else:
-        metrics["skipped"] = f"quantize.adapter = {config.adapter!r}: no {ADAPTER_FILE} in the export to quantize"
-    return summary, metrics
-
-
-def record_adapter_in_meta(folder: Path, summary: dict) -> None:
-    """edge_lora.json says how the adapter file is stored (load-time: a float graph expands it at load)."""
-    from edge_lora.stages.export_onnx import update_meta
-
-    update_meta(folder, {"adapter_quantization": summary})
+    meta = ExportMeta.read(folder)
+    quantized_meta(meta, summary, Path(folder) / meta.model_file).write(folder)
 
 
 def _stage(ctx, config: QuantizeConfig) -> StageReport:
-    from edge_lora.stages.export_onnx import MODEL_FILE, onnx_folder_hash
+    """The base's weights. The adapter's factors were quantized before the export (pipeline._quantize_adapter,
+    the one factor quantizer), so the adapter file is final when this stage runs. Returns the updated
+    ExportMeta in ``ctx.export_meta``; the pipeline writes it."""
+    from edge_lora.stages.export_onnx import MODEL_FILE, export_folder_hash
 
-    check_adapter_setting(ctx.work_dir, config)   # before the (slow) base quantization
     summary, report = quantize_base(ctx.work_dir / MODEL_FILE, config)
     if summary:
-        record_in_meta(ctx.work_dir, summary)
-    start = time.perf_counter()
-    adapter_summary, adapter_metrics = quantize_adapter(ctx.work_dir, config, ctx.adapter)
-    if adapter_summary:
-        record_adapter_in_meta(ctx.work_dir, adapter_summary)
-        if "skipped" in adapter_metrics:
-            report.skipped.append(adapter_metrics.pop("skipped"))
-        report.metrics.update(adapter_metrics)
-        report.seconds = (report.seconds or 0.0) + time.perf_counter() - start
-    if summary or adapter_summary:
-        report.output_hash = onnx_folder_hash(ctx.work_dir)
+        if ctx.export_meta is None:
+            raise ModelError("the quantize stage runs after the export stage; list 'export' before 'quantize' in "
+                             "the profile's [profile] stages.")
+        ctx.export_meta = quantized_meta(ctx.export_meta, summary, ctx.work_dir / MODEL_FILE)
+        report.output_hash = export_folder_hash(ctx.work_dir)
     report.input_hash = ctx.reports[-1].output_hash if ctx.reports else None
     return report
 

@@ -13,9 +13,8 @@ pipeline can write the report first and then fail the run.
 from __future__ import annotations
 
 import json
-import os
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +23,8 @@ import torch
 from edge_lora.config import ValidateConfig
 from edge_lora.report import StageReport
 from edge_lora.runtimes.ort_session import full_feeds, load_session
-from edge_lora.stages.export_onnx import ADAPTER_FILE, read_meta
+from edge_lora.files import write_text_atomic
+from edge_lora.formats.export_meta import ExportMeta
 
 
 # ------------------------------------------------------------------------------------------ inputs
@@ -126,16 +126,16 @@ def torch_greedy_ids(model, prompt: np.ndarray, n: int) -> np.ndarray:
 class Candidate:
     """The exported model as validation runs it: a session plus, for hot-swap, its active adapter."""
 
-    def __init__(self, folder: Path, meta: dict, threads: int = 0):
+    def __init__(self, folder: Path, meta: ExportMeta, threads: int = 0):
         self.folder, self.meta = folder, meta
         self.hotswap = None
-        if meta["mode"] == "hotswap":
+        if meta.hotswap:
             from edge_lora.runtimes.hotswap import HotswapSession
 
             self.hotswap = HotswapSession(folder, threads=threads)
             self.session = self.hotswap.session
-            if (folder / ADAPTER_FILE).is_file():
-                self.hotswap.load_adapter("export", folder / ADAPTER_FILE)
+            if meta.adapter_file:
+                self.hotswap.load_adapter("export", Path(folder) / meta.adapter_file)
             self.run_options = self.hotswap.run_options("export" if self.hotswap.adapters else None)
         else:
             self.session = load_session(folder, threads=threads)
@@ -172,15 +172,16 @@ def budget_failures(metrics: dict, config: ValidateConfig) -> list[str]:
 
 
 def validate(export_dir: str | Path, reference, tokenizer, config: ValidateConfig = ValidateConfig(),
-             progress=None) -> tuple[dict, StageReport]:
+             progress=None, meta: ExportMeta | None = None) -> tuple[dict, StageReport]:
     """Compare the export in ``export_dir`` with ``reference`` (a PeftModel on the PyTorch base).
 
     Returns (metrics, report); ``metrics["budget_failures"]`` lists every missed budget (empty = passed).
-    ``progress(text)`` is called before each step, for the pipeline's progress display.
+    ``progress(text)`` is called before each step, for the pipeline's progress display. ``meta``: the export's
+    ExportMeta when the caller holds it (the pipeline); else it is read from ``export_dir``.
     """
     start = time.perf_counter()
     folder = Path(export_dir)
-    meta = read_meta(folder)
+    meta = ExportMeta.read(folder) if meta is None else replace(meta, folder=folder)
     steps: dict[str, float] = {}
     clock = {"step": "setup", "t": start}
 
@@ -192,7 +193,7 @@ def validate(export_dir: str | Path, reference, tokenizer, config: ValidateConfi
             progress(text)
 
     model_config = reference.get_base_model().config
-    causal = meta["task"].startswith("text-generation")
+    causal = meta.task.startswith("text-generation")
     n = min(config.eval_tokens, _max_positions(model_config))
     ids = eval_ids(tokenizer, n, model_config.vocab_size)
     candidate = Candidate(folder, meta)
@@ -226,7 +227,7 @@ def validate(export_dir: str | Path, reference, tokenizer, config: ValidateConfi
 
     task = config.task
     if task == "auto":
-        source = meta.get("reference_adapter") or meta.get("adapter_source")   # the original knows its task
+        source = meta.path("reference_adapter") or meta.path("adapter_source")   # the original knows its task
         task = adapter_task(source) if causal and tokenizer is not None else None
         if task is None:
             skipped.append("task metric: the adapter names no task (metrics.json) or the model is not a causal "
@@ -248,17 +249,17 @@ def validate(export_dir: str | Path, reference, tokenizer, config: ValidateConfi
     return metrics, report
 
 
-def reference_cache_key(meta: dict, config: ValidateConfig) -> str | None:
+def reference_cache_key(meta: ExportMeta, config: ValidateConfig) -> str | None:
     """The reference's task score depends only on base, adapter, task settings and the task code: key on all
     four, so the merged and hot-swap exports of one adapter score the PyTorch reference once."""
     import hashlib
 
     from edge_lora import eval as task
 
-    if not meta.get("base_sha256") or not meta.get("adapter_sha256"):
+    if not meta.base_sha256 or not meta.adapter_sha256:
         return None
     h = hashlib.sha256()
-    for part in (meta["base_sha256"], meta["adapter_sha256"], config.task_examples, config.task_batch_size,
+    for part in (meta.base_sha256, meta.adapter_sha256, config.task_examples, config.task_batch_size,
                  config.task_max_new_tokens, Path(task.__file__).read_bytes(), torch.__version__):
         h.update(str(part).encode() if not isinstance(part, bytes) else part)
     return h.hexdigest()
@@ -275,10 +276,7 @@ def _cached(key: str | None, compute):
             pass
     result = compute()
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(result))
-        os.replace(tmp, path)
+        write_text_atomic(path, json.dumps(result))
     return result
 
 
