@@ -349,3 +349,20 @@ def test_no_absolute_path_in_an_export_its_report_or_its_package(tmp_path):
     probe = next(p for p in manifest["probes"] if p["kind"] == "ort")
     export_stage = next(s for s in report["stages"] if s["stage"] == "export")
     assert probe["export"]["model_sha256"] == export_folder_hash(out) == export_stage["output_hash"]
+
+
+def test_the_one_safetensors_header_reader(tmp_path):
+    """edge_lora.files reads the 8-byte length and the JSON header only; the packager and the OTA codec use it."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    from edge_lora.files import SafetensorsHeaderError, parse_safetensors_header, read_safetensors_header
+
+    path = tmp_path / "t.safetensors"
+    save_file({"a": np.zeros((2, 3), np.float32)}, str(path), metadata={"edge_lora": "x"})
+    header, metadata = read_safetensors_header(path)
+    assert header["a"]["shape"] == [2, 3] and header["a"]["dtype"] == "F32" and metadata == {"edge_lora": "x"}
+    assert parse_safetensors_header(path.read_bytes())[1:] == (header, metadata)
+    (tmp_path / "bad").write_bytes((1 << 40).to_bytes(8, "little") + b"{}")
+    with pytest.raises(SafetensorsHeaderError, match="header"):
+        read_safetensors_header(tmp_path / "bad")

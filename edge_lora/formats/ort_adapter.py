@@ -104,20 +104,11 @@ def quantized_parameters(q: QuantizedFactors) -> dict[str, np.ndarray]:
 
 def _write(parameters: dict[str, np.ndarray], path: str | os.PathLike) -> Path:
     """ORT writes the file itself (export_adapter takes a path): into a temp name beside it, then fsync + rename."""
-    from edge_lora.files import fsync_and_replace
+    from edge_lora.files import atomic_file
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        os.chmod(tmp, 0o644)   # mkstemp's 0600 would make the shipped file unreadable to other users
-        _export(parameters, tmp)
-        fsync_and_replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    with atomic_file(path) as tmp:
+        _export(parameters, str(tmp))
+    return Path(path)
 
 
 def write_float(arrays: dict[str, np.ndarray], path: str | os.PathLike) -> Path:

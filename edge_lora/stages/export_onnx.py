@@ -550,7 +550,7 @@ def export_hotswap(model, tokenizer, adapter, out_dir: Path,
     start = time.perf_counter()
     compressed = adapter if isinstance(adapter, CompressedAdapter) else None
     quantized = adapter if isinstance(adapter, QuantizedAdapter) else None
-    plain = compressed.to_adapter() if compressed is not None else quantized.expanded if quantized else adapter
+    plain = compressed.expanded if compressed is not None else quantized.expanded if quantized else adapter
     if plain is not None:
         check_hotswappable(plain, model)
     targets = hotswap_targets(plain, config)
