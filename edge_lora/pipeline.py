@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import hashlib
 import importlib
 import json
 import os
@@ -109,16 +110,24 @@ def _quantize_adapter(ctx: RunContext) -> StageReport | None:
     if cfg is None:
         return None
     if isinstance(ctx.adapter, QuantizedAdapter):
-        return StageReport(stage="quantize_adapter", skipped=[
-            f"quantize.adapter = {config.adapter!r} not applied: {ctx.adapter_path} is already quantized by "
-            f"compress --bits ({ctx.adapter.config.label}, groups of {ctx.adapter.config.group_size}); its codes "
-            "ship as they are."])
+        return StageReport(stage="quantize_adapter", input_hash=ctx.adapter_sha256, output_hash=ctx.adapter_sha256,
+                           skipped=[f"quantize.adapter = {config.adapter!r} not applied: {ctx.adapter_path.name} is "
+                                    f"already quantized by compress --bits ({ctx.adapter.config.label}, groups of "
+                                    f"{ctx.adapter.config.group_size}); its codes ship as they are."])
     original = load_peft_reference(ctx)
     ctx.adapter, report = quantize_adapter(original, expanded(ctx.adapter), cfg)
     report.stage = "quantize_adapter"
     report.metrics.pop("summary", None)
     report.input_hash = ctx.adapter_sha256
+    report.output_hash = quantized_hash(ctx.adapter)
     return report
+
+
+def quantized_hash(adapter) -> str:
+    """sha256 of a quantized adapter's encoded payload (what its adapter file carries)."""
+    from edge_lora.formats.quantized_factors import to_bytes
+
+    return hashlib.sha256(to_bytes(adapter.to_format())).hexdigest()
 
 
 def load_peft_reference(ctx: RunContext):
