@@ -4,13 +4,14 @@ A profile says which stages run (``[profile] stages``) and configures each one i
 checked against the stage's dataclass: an unknown key or a value of the wrong type is a ProfileError that
 lists the valid keys. ``--set stage.key=value`` overrides one key, typed by the dataclass field.
 
-Later stages add their config class with :func:`register_stage_config` (torchao style: a frozen config
-dataclass beside a plain function), so this module does not need to know them.
+Every stage's config lives here (torchao style: a frozen dataclass, validated in ``__post_init__``, paired with
+the stage's plain ``run(input, config)``), so a profile parses in any process without importing the stages.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -19,7 +20,8 @@ from typing import Any
 
 import tomllib
 
-from edge_lora.errors import ProfileError
+from edge_lora.errors import ConfigError, ProfileError
+from edge_lora.runtimes import RUNNERS
 
 PROFILE_DIR_ENV = "EDGE_LORA_PROFILES"
 
@@ -30,6 +32,10 @@ class MergeConfig:
 
     compute_dtype: str = "float32"   # precision of B·A (float64 for very large updates; float32 is 1e-7 relative)
     check_finite: bool = True        # refuse to commit NaN/Inf weights
+
+    def __post_init__(self):
+        _choice("merge", "compute_dtype", self.compute_dtype, MERGE_DTYPES)
+        _flag("merge", "check_finite", self.check_finite)
 
 
 @dataclass(frozen=True)
@@ -48,8 +54,9 @@ class ExportConfig:
     def __post_init__(self):
         _choice("export", "mode", self.mode, ("merged", "hotswap"))
         _choice("export", "external_data", self.external_data, ("auto", "always"))
-        if self.opset < 0:
-            raise ProfileError(f"export.opset must be 0 (optimum's default) or an ONNX opset, not {self.opset}.")
+        _integer("export", "opset", self.opset, 0, "0 (optimum's default) or an ONNX opset such as 17")
+        _names("export", "hotswap_targets", self.hotswap_targets, "module names such as 'lm_head'")
+        _flag("export", "fuse_projections", self.fuse_projections)
 
 
 @dataclass(frozen=True)
@@ -73,21 +80,227 @@ class ValidateConfig:
 
     def __post_init__(self):
         _choice("validate", "task", self.task, ("auto", "date-iso", "none"))
-        if self.eval_tokens < 8 or self.generate_tokens < 1 or self.task_examples < 1:
-            raise ProfileError("validate.eval_tokens must be ≥ 8, generate_tokens and task_examples ≥ 1.")
+        _integer("validate", "eval_tokens", self.eval_tokens, 8)
+        for key in ("generate_tokens", "task_examples", "task_batch_size", "task_max_new_tokens"):
+            _integer("validate", key, getattr(self, key), 1)
+        for key in ("task_base", "cache_reference"):
+            _flag("validate", key, getattr(self, key))
+        for key in ("min_top1_agreement", "max_mean_kl", "min_generation_agreement", "max_exact_match_drop",
+                    "max_hidden_rel_error"):
+            _number("validate", key, getattr(self, key), 0.0)
+
+
+# ------------------------------------------------------------------------------------------ checks
+# One message for every bad setting, from a profile, --set or a flag alike: "stage.key = value is not valid; use
+# <what is>". A ConfigError (exit 2): a setting to change, never a missed budget.
+MERGE_DTYPES = ("float32", "float64")
+
+
+def _invalid(stage: str, key: str, value, use: str) -> ConfigError:
+    return ConfigError(f"{stage}.{key} = {value!r} is not valid; use {use}.")
 
 
 def _choice(stage: str, key: str, value, allowed) -> None:
-    if value not in allowed:
-        raise ProfileError(f"{stage}.{key} = {value!r} is not valid; use one of {', '.join(map(repr, allowed))}.")
+    if isinstance(value, bool) or value not in allowed:
+        raise _invalid(stage, key, value, f"one of {', '.join(map(repr, allowed))}")
 
 
-STAGE_CONFIGS: dict[str, type] = {"merge": MergeConfig, "export": ExportConfig, "validate": ValidateConfig}
+def _flag(stage: str, key: str, value) -> None:
+    if not isinstance(value, bool):
+        raise _invalid(stage, key, value, "true or false")
 
 
-def register_stage_config(name: str, cls: type) -> None:
-    """Let a later stage (compress, quantize, profile, package) own a table in the profile files."""
-    STAGE_CONFIGS[name] = cls
+def _integer(stage: str, key: str, value, low: int, use: str | None = None) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise _invalid(stage, key, value, use or f"an integer ≥ {low}")
+
+
+def _number(stage: str, key: str, value, low: float, use: str | None = None) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value) and value >= low
+    if not ok:
+        raise _invalid(stage, key, value, use or f"a number ≥ {low:g}")
+
+
+def _names(stage: str, key: str, value, what: str) -> None:
+    if not isinstance(value, (list, tuple)) or not all(isinstance(m, str) and m for m in value):
+        raise _invalid(stage, key, value, f"a list of {what}")
+
+
+# ------------------------------------------------------------------------------------------ quantize
+BASE_CHOICES = ("none", "int8", "int4")
+METHODS = ("weight_only", "dynamic")
+HEAD_CHOICES = ("fp32", "int8", "int4")
+EMBEDDING_CHOICES = ("fp32", "int4")
+ADAPTER_CHOICES = ("fp32", "int8", "int4", "int3", "int2", "mixed:AVG_BITS")
+
+
+QuantizeConfigError = ConfigError   # the older name of a bad [quantize] setting
+
+
+@dataclass(frozen=True)
+class QuantizeConfig:
+    """Weight quantization of the exported base (see the module docstring for the measured trade-offs)."""
+
+    base: str = "none"               # "none", "int8", "int4"
+    method: str = "weight_only"      # "weight_only" (MatMulNBits) or "dynamic" (quantize_dynamic, int8 only)
+    block_size: int = 32             # weights per scale, along the input dimension (power of 2, ≥ 16)
+    symmetric: bool = True           # False adds a zero point per block
+    accuracy_level: int = 4          # MatMulNBits compute type: 4 = int8 activations (fast), 0 = fp32
+    int8_modules: list = field(default_factory=list)   # int4 base: MatMuls whose name contains one stay int8
+    lm_head: str = "int8"            # precision of the LM head: "fp32", "int8", "int4"
+    embedding: str = "fp32"          # the input embedding table: "fp32" or "int4" (GatherBlockQuantized)
+    # The adapter's factors, quantized by the one factor quantizer (stages/quantize_factors.py, as `compress
+    # --bits`) before the export: "int8".."int2" uniform widths, "mixed:AVG_BITS" per-component widths within an
+    # average budget, one fp16 scale per adapter_block_size values. A hot-swap export ships the codes in its
+    # adapter file (the graph stays float; the runtime expands them once at load, so decode runs at float-LoRA
+    # speed); a merged export folds their expansion in. An adapter from `compress --bits` ships as it is.
+    adapter: str = "fp32"
+    adapter_block_size: int = 32
+
+    def __post_init__(self):
+        _choice("quantize", "base", self.base, BASE_CHOICES)
+        _choice("quantize", "method", self.method, METHODS)
+        _choice("quantize", "lm_head", self.lm_head, HEAD_CHOICES)
+        _choice("quantize", "embedding", self.embedding, EMBEDDING_CHOICES)
+        _flag("quantize", "symmetric", self.symmetric)
+        if not _adapter_setting_ok(self.adapter):
+            raise _invalid("quantize", "adapter", self.adapter,
+                           f"one of {', '.join(map(repr, ADAPTER_CHOICES))} (e.g. 'mixed:2.5')")
+        _integer("quantize", "adapter_block_size", self.adapter_block_size, 8,
+                 "an integer ≥ 8, best a power of two (32 keeps the most accuracy; each block costs one fp16 scale)")
+        block = self.block_size
+        if not isinstance(block, int) or isinstance(block, bool) or block < 16 or block & (block - 1):
+            raise _invalid("quantize", "block_size", block, "a power of 2 ≥ 16, as MatMulNBits needs (32 keeps the "
+                           "most accuracy, 128 the smallest scales)")
+        _choice("quantize", "accuracy_level", self.accuracy_level, (0, 1, 2, 3, 4))
+        if self.method == "dynamic" and (self.base != "int8" or self.lm_head == "int4"):
+            raise _invalid("quantize", "method", self.method, f"'weight_only' with base = {self.base!r} and "
+                           f"lm_head = {self.lm_head!r}: 'dynamic' exists for base = 'int8' (and lm_head 'int8' or "
+                           "'fp32') only; int4 is weight-only (MatMulNBits)")
+        _names("quantize", "int8_modules", self.int8_modules, "module-name parts such as 'down_proj'")
+
+def _adapter_setting_ok(value) -> bool:
+    if not isinstance(value, str):
+        return False
+    if value.startswith("mixed:"):
+        try:
+            avg = float(value[len("mixed:"):])
+        except ValueError:
+            return False
+        return 0 < avg < 64
+    return value in ADAPTER_CHOICES[:-1]
+
+
+# ------------------------------------------------------------------------------------------ profiling
+@dataclass(frozen=True)
+class ProfileConfig:
+    """Latency and memory of the export on one runtime; budgets 0 = no budget."""
+
+    runtime: str = "ort_cpu"           # ort_cpu, ort_cuda, mobile (ORT format, 1-2 threads), llamacpp
+    threads: int = 2                   # intra-op threads; 0 = the runtime's default (all cores)
+    prompt_lengths: list = field(default_factory=lambda: [16, 128, 512])   # capped by the model's max positions
+    decode_tokens: int = 32            # decode steps per round, after the shortest prompt
+    runs: int = 5                      # recorded rounds (each runs every variant once, in turn)
+    warmup: int = 1                    # unrecorded rounds first
+    encoder_batch_sizes: list = field(default_factory=lambda: [1, 8])
+    isolate: bool = True               # load time and peak RSS of each variant in a fresh process
+    max_decode_ms_per_token: float = 0.0   # on every variant's median (p50) ms/token
+    max_peak_rss_mb: float = 0.0           # peak RSS of the fresh process (python + runtime + model)
+    max_adapter_file_mb: float = 0.0
+    max_load_seconds: float = 0.0
+
+    def __post_init__(self):
+        _choice("profiling", "runtime", self.runtime, tuple(RUNNERS))
+        for key in ("prompt_lengths", "encoder_batch_sizes"):
+            raw = getattr(self, key)
+            try:   # --set gives strings: "16,128" -> ["16", "128"]
+                values = [int(v) for v in raw]
+            except (TypeError, ValueError):
+                values = []
+            if not values or min(values) < 1:
+                raise _invalid("profiling", key, raw, "a non-empty list of positive integers, e.g. [16, 128]")
+            object.__setattr__(self, key, values)
+        _integer("profiling", "threads", self.threads, 0, "0 (the runtime's default: all cores) or more")
+        _integer("profiling", "decode_tokens", self.decode_tokens, 1)
+        _integer("profiling", "runs", self.runs, 1)
+        _integer("profiling", "warmup", self.warmup, 0)
+        _flag("profiling", "isolate", self.isolate)
+        for key in ("max_decode_ms_per_token", "max_peak_rss_mb", "max_adapter_file_mb", "max_load_seconds"):
+            _number("profiling", key, getattr(self, key), 0.0, "a number ≥ 0 (0 = no budget)")
+
+
+# ------------------------------------------------------------------------------------------ compress
+# Not a profile table: `python -m edge_lora compress` sets it from its flags. Here so that the CLI knows the valid
+# values without importing the stage (and torch).
+COMPRESS_SCOPES = ("group", "module", "global")
+COMPRESS_STRUCTURES = ("svd", "shared-out", "tucker2", "cp", "tt")   # what stages/tensorize.py can fit
+OUTPUT_STRUCTURES = ("svd", "shared-out")   # the ones whose input side stays per layer (output-error budgets)
+STORAGE_DTYPES = ("float16", "bfloat16", "float32")
+
+
+@dataclass(frozen=True)
+class CompressConfig:
+    """Rank truncation and cross-layer tensorization within an error budget (stages/compress.py)."""
+
+    budget: float = 0.05                 # relative Frobenius error allowed (see scope)
+    energy: float | None = None          # alternatively: keep this fraction of the energy (budget = sqrt(1-energy))
+    scope: str = "group"                 # group | module | global
+    structure: str = "auto"              # auto | svd | shared-out | tucker2 | cp | tt
+    candidates: tuple[str, ...] = COMPRESS_STRUCTURES   # what auto may choose from
+    max_rank: int | None = None          # upper bound on every rank chosen (k_l, r_u, r_v, CP rank, TT ranks)
+    hooi_iters: int = 3                  # HOOI sweeps (tensorly) refining the chosen Tucker-2 fit
+    cp_auto_max_rank: int = 96           # auto skips CP fits above this rank bound (ALS cost; see search_cp)
+    storage_dtype: str = "float16"       # factors are stored (and sizes counted) in this dtype
+    verify: bool = True                  # recompute every module's error from the stored factors
+    # "weight": budgets on ‖ΔW−ΔŴ‖_F / ‖ΔW‖_F. "output": on ‖(ΔW−ΔŴ)X‖_F / ‖ΔW X‖_F over calibration inputs
+    # (C = XXᵀ per module, required); then only per-layer input factors are possible (svd, shared-out), since a
+    # basis shared across layers cannot stay shared once each layer's A is whitened by its own C.
+    error_metric: str = "weight"
+    curves: bool = False                 # keep error-versus-size curves in the report (for plots)
+    # Torch intra-op threads while the stage runs (None: leave as is). Nearly all the work is QR/SVD/eigh of
+    # tall-skinny or r-sized matrices, where MKL's threaded LAPACK is slower than one thread, and 100-300×
+    # slower when other processes hold the cores (measured: 0.47 s vs 1.6 ms for one 11008×16 QR on 2 busy cores).
+    threads: int | None = 1
+
+    def __post_init__(self):
+        if self.energy is not None:
+            ok = isinstance(self.energy, (int, float)) and not isinstance(self.energy, bool) and 0.0 < self.energy <= 1.0
+            if not ok:
+                raise _invalid("compress", "energy", self.energy, "a fraction in (0, 1], e.g. 0.99")
+        else:
+            _number("compress", "budget", self.budget, 0.0, "a relative error ≥ 0, e.g. 0.05")
+            if math.isinf(self.budget):
+                raise _invalid("compress", "budget", self.budget, "a finite relative error ≥ 0, e.g. 0.05")
+        _choice("compress", "scope", self.scope, COMPRESS_SCOPES)
+        _choice("compress", "structure", self.structure, ("auto",) + COMPRESS_STRUCTURES)
+        unknown = sorted(set(self.candidates) - set(COMPRESS_STRUCTURES))
+        if unknown or not self.candidates:
+            raise _invalid("compress", "candidates", self.candidates,
+                           f"a non-empty list of {', '.join(map(repr, COMPRESS_STRUCTURES))}")
+        _choice("compress", "error_metric", self.error_metric, ("weight", "output"))
+        if self.error_metric == "output" and self.structure not in ("auto",) + OUTPUT_STRUCTURES:
+            raise _invalid("compress", "structure", self.structure,
+                           f"{' or '.join(map(repr, OUTPUT_STRUCTURES))} (or error_metric 'weight'): it shares an "
+                           "input basis across layers, which an output-error budget cannot keep (each layer's "
+                           "inputs differ)")
+        if self.max_rank is not None:
+            _integer("compress", "max_rank", self.max_rank, 0, "an integer ≥ 0, or none for no bound")
+        _integer("compress", "hooi_iters", self.hooi_iters, 0)
+        _integer("compress", "cp_auto_max_rank", self.cp_auto_max_rank, 1)
+        _choice("compress", "storage_dtype", self.storage_dtype, STORAGE_DTYPES)
+        _flag("compress", "verify", self.verify)
+        _flag("compress", "curves", self.curves)
+        if self.threads is not None:
+            _integer("compress", "threads", self.threads, 0, "an integer ≥ 0 (0 or none: leave torch's setting)")
+
+    def relative_budget(self) -> float:
+        return math.sqrt(max(1.0 - self.energy, 0.0)) if self.energy is not None else self.budget
+
+
+# The profile file's tables, one per stage, in the order a profile runs them. A literal: a stage's config is
+# known wherever a profile is parsed, without importing the stage.
+STAGE_CONFIGS: dict[str, type] = {"merge": MergeConfig, "export": ExportConfig, "quantize": QuantizeConfig,
+                                  "validate": ValidateConfig, "profiling": ProfileConfig}
 
 
 @dataclass(frozen=True)

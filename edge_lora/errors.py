@@ -31,6 +31,11 @@ class ProfileError(EdgeLoraError):
     """An export profile has an unknown key or a bad value."""
 
 
+class ConfigError(ProfileError):
+    """A stage setting (from a profile, ``--set`` or a command-line flag) is out of range or of the wrong kind.
+    Raised by the config dataclasses' ``__post_init__``; a setting to change, never a missed budget (exit 2)."""
+
+
 class BudgetError(EdgeLoraError):
     """A compression, accuracy, latency or memory budget was missed."""
 

@@ -1,8 +1,8 @@
 """The export pipeline: load → (merge) → export → validate, as the profile says, into one output folder.
 
-Each stage is a plain function in ``edge_lora.stages`` that returns its output and a StageReport. The runners
-here adapt them to a shared :class:`RunContext`; a later stage plugs in with :func:`register_stage` (and its
-config with ``profiles.register_stage_config``), and a profile lists it in ``[profile] stages``.
+Each stage module in ``edge_lora.stages`` has a plain ``run(input, config) -> (output, StageReport)``; the runners
+here build each stage's input from a shared :class:`RunContext` and keep its output there. :func:`run_export`
+is the sequence: load, quantize_adapter, then the profile's ``[profile] stages`` in order (:data:`STAGES`).
 
 Everything is built in a temporary folder beside the target and renamed into place at the end, so a crash
 never leaves a folder that looks finished. ``report.json`` and ``report.md`` are written even when validation
@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import gc
 import hashlib
-import importlib
 import json
 import os
 import shutil
@@ -29,6 +28,8 @@ from edge_lora.formats.export_meta import FILE as META_FILE, ExportMeta, relativ
 from edge_lora.errors import BudgetError, CompatibilityError, EdgeLoraError
 from edge_lora.config import Profile, load_profile
 from edge_lora.report import StageReport
+from edge_lora.stages import export_onnx, merge, quantize_base, validate
+from edge_lora.stages import profile as profiling
 
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
@@ -138,22 +139,17 @@ def load_peft_reference(ctx: RunContext):
 
 def _merge(ctx: RunContext, config) -> StageReport:
     from edge_lora.base import base_content_hash
-    from edge_lora.stages.merge import merge
 
-    ctx.model, report = merge(ctx.model, expanded(ctx.adapter), config)
+    ctx.model, report = merge.run(merge.MergeInput(ctx.model, expanded(ctx.adapter)), config)
     report.input_hash = ctx.adapter_sha256
     report.output_hash = base_content_hash(ctx.model)
     return report
 
 
 def _export(ctx: RunContext, config) -> StageReport:
-    from edge_lora.stages.export_onnx import export_hotswap, export_merged
-
-    if config.mode == "hotswap":
-        ctx.export_meta, report = export_hotswap(ctx.model, ctx.tokenizer, ctx.adapter, ctx.work_dir, config,
-                                                 ctx.provenance())
-    else:
-        ctx.export_meta, report = export_merged(ctx.model, ctx.tokenizer, ctx.work_dir, config, ctx.provenance())
+    inp = export_onnx.ExportInput(ctx.model, ctx.tokenizer, ctx.adapter, ctx.work_dir,
+                                  export_onnx.Provenance(**ctx.provenance()))
+    ctx.export_meta, report = export_onnx.run(inp, config)
     ctx.meta_on_disk = ctx.export_meta   # the export stage writes its folder's edge_lora.json itself
     report.input_hash = ctx.reports[-1].output_hash if ctx.reports else None
     # The exported (merged or wrapped) torch model is done with; validation loads a clean reference, so free
@@ -163,17 +159,22 @@ def _export(ctx: RunContext, config) -> StageReport:
     return report
 
 
-def _validate(ctx: RunContext, config) -> StageReport:
-    reference = reference_model(ctx.base_path, ctx.reference_adapter or ctx.adapter_path)
-    _, report = validate_stage(ctx.work_dir, reference, ctx.tokenizer, config, ctx.progress, meta=ctx.export_meta)
+def _quantize(ctx: RunContext, config) -> StageReport:
+    ctx.export_meta, report = quantize_base.run(quantize_base.ExportFolder(ctx.work_dir, ctx.export_meta), config)
     report.input_hash = ctx.reports[-1].output_hash if ctx.reports else None
     return report
 
 
-def validate_stage(*args, **kwargs):
-    from edge_lora.stages.validate import validate
+def _validate(ctx: RunContext, config) -> StageReport:
+    reference = reference_model(ctx.base_path, ctx.reference_adapter or ctx.adapter_path)
+    inp = validate.ValidateInput(ctx.work_dir, reference, ctx.tokenizer, ctx.export_meta, ctx.progress)
+    _, report = validate.run(inp, config)
+    report.input_hash = ctx.reports[-1].output_hash if ctx.reports else None
+    return report
 
-    return validate(*args, **kwargs)
+
+def _profiling(ctx: RunContext, config) -> StageReport:
+    return profiling.run(profiling.ProfilingInput(ctx.work_dir, ctx.progress), config)[1]
 
 
 def reference_model(base_path, adapter_path):
@@ -186,21 +187,11 @@ def reference_model(base_path, adapter_path):
     return PeftModel.from_pretrained(base, str(adapter_path)).eval()
 
 
+# What each name in a profile's ``[profile] stages`` runs (their configs: edge_lora.config.STAGE_CONFIGS). Before
+# them, always: load (adapter, base, compatibility), then quantize_adapter (when ``quantize.adapter`` is set).
 STAGES: dict[str, Callable[[RunContext, Any], StageReport]] = {
-    "merge": _merge, "export": _export, "validate": _validate,
+    "merge": _merge, "export": _export, "quantize": _quantize, "validate": _validate, "profiling": _profiling,
 }
-
-
-def register_stage(name: str, runner: Callable[[RunContext, Any], StageReport]) -> None:
-    """Plug a later stage (compress, quantize, profile, package) into the pipeline."""
-    STAGES[name] = runner
-
-
-# Stages in their own modules register their runner and their profile table when imported. Importing them here,
-# after register_stage exists, makes a profile that names them parse wherever the pipeline is used.
-PLUGIN_STAGES = ("edge_lora.stages.quantize_base", "edge_lora.stages.profile")
-for _module in PLUGIN_STAGES:
-    importlib.import_module(_module)
 
 
 # ------------------------------------------------------------------------------------------ running
@@ -299,11 +290,25 @@ def build_report(ctx: RunContext, seconds: float) -> dict:
     failures = [f for r in ctx.reports for f in r.metrics.get("budget_failures", [])]
     validated = any(r.stage == "validate" for r in ctx.reports)
     profile = ctx.profile.to_dict()
-    if profile.get("source") and os.path.isabs(profile["source"]):   # the report names no build-machine path
-        profile["source"] = ctx.relative(profile["source"])
+    profile["source"] = _profile_source(profile.get("source"), ctx)
     return {"status": "FAILED" if failures else ("PASSED" if validated else "NOT VALIDATED"),
             "budget_failures": failures, "seconds": seconds, **ctx.provenance(), "profile": profile,
             "stages": [r.to_dict() for r in ctx.reports]}
+
+
+def _profile_source(source: str | None, ctx: RunContext) -> str | None:
+    """How the report names its profile file, never by a build machine's path: ``export_profiles/NAME.toml`` for
+    one shipped with edge_lora, a user's file relative to the export folder (a relative source, such as one read
+    back from a report by run_validate, is kept)."""
+    from edge_lora.config import profile_dirs
+
+    if not source:
+        return source
+    shipped = profile_dirs()[-1].resolve()   # the last place --profile NAME looks: the shipped folder
+    path = Path(source).resolve()
+    if path.is_relative_to(shipped):
+        return f"{shipped.name}/{path.relative_to(shipped).as_posix()}"
+    return ctx.relative(source) if os.path.isabs(source) else source
 
 
 def write_report(folder: Path, report: dict) -> None:

@@ -356,7 +356,9 @@ def test_fuse_pass_on_a_handmade_graph(tmp_path, opset):
     result = fuse_projections(model)
     ir.save(model, tmp_path / "fused.onnx")
     ops = [n.op_type for n in onnx.load(str(tmp_path / "fused.onnx")).graph.node]
-    assert result["fused"] == 1 and ops.count("MatMul") == 2 and ops.count("Split") == 1
+    assert result.details.fused == 1 and ops.count("MatMul") == 2 and ops.count("Split") == 1
+    assert result.name == "fuse_projections" and result.modified and result.model is model
+    assert result.details.groups == () and result.details.nodes_after < result.details.nodes_before
     x = rng.standard_normal((2, 5, 8)).astype(np.float32)
     outs = [ort.InferenceSession(str(tmp_path / f), providers=["CPUExecutionProvider"]).run(None, {"x": x})
             for f in ("plain.onnx", "fused.onnx")]

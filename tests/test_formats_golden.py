@@ -349,6 +349,35 @@ def test_no_absolute_path_in_an_export_its_report_or_its_package(tmp_path):
     probe = next(p for p in manifest["probes"] if p["kind"] == "ort")
     export_stage = next(s for s in report["stages"] if s["stage"] == "export")
     assert probe["export"]["model_sha256"] == export_folder_hash(out) == export_stage["output_hash"]
+    # a shipped profile is named by its place in the checkout, not by this machine's path to it
+    assert report["profile"]["source"] == "export_profiles/cpu-hotswap.toml"
+
+    # a compress folder's headers name the original adapter relative to the folder, and read back to it
+    from edge_lora.adapter.load import load_adapter
+    from edge_lora.cli import main
+    from edge_lora.files import read_safetensors_header
+
+    assert main(["compress", str(tmp_path / "adapter"), "--out", str(tmp_path / "c"), "--budget", "0.3",
+                 "--bits", "4"]) == 0
+    for name in ("compressed.safetensors", "quantized.safetensors"):
+        header = json.loads(read_safetensors_header(tmp_path / "c" / name)[1]["edge_lora"])
+        _no_absolute_paths(name, json.dumps(header), roots)
+        assert header["source"] == "../adapter"
+    _no_absolute_paths("the compress report", (tmp_path / "c" / "report.json").read_text(), roots)
+    assert load_adapter(tmp_path / "c")[1] == (tmp_path / "adapter").resolve()
+
+    # profile.json names the export folder, its adapter file and the runner's model relative to the report
+    from edge_lora.stages.profile import ProfileConfig, folder_variants, run_profile
+    from edge_lora.stages.profile_report import write_report
+
+    fast = ProfileConfig(runs=1, warmup=0, decode_tokens=2, prompt_lengths=[8], isolate=False)
+    write_report(tmp_path / "prof", run_profile(folder_variants(out, "ort_cpu", 1), fast))
+    text = (tmp_path / "prof" / "profile.json").read_text()
+    _no_absolute_paths("profile.json", text, roots)
+    variants = json.loads(text)["variants"]
+    assert [v["adapter"] for v in variants] == [None, "../out/adapter.onnx_adapter"]
+    assert {v["path"] for v in variants} == {"../out"} and {v["info"]["model"] for v in variants} == {
+        "../out/model.onnx"}
 
 
 def test_the_one_safetensors_header_reader(tmp_path):

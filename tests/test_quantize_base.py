@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -71,6 +72,10 @@ def test_int8_weight_only_stays_close_and_quantizes_every_weight(merged_export, 
     # 2 layers × 7 projections + the LM head, all at 8 bits; no float MatMul with a weight is left
     assert len(bits) == 15 and set(bits.values()) == {8}
     assert summary["untied"] == ["model.embed_tokens.weight"]
+    passes = report.metrics["graph_passes"]
+    assert passes["untie_head"] == {"untied": ("model.embed_tokens.weight",),
+                                    "weights": ("model.embed_tokens.weight.untied_T",)}
+    assert set(passes) == {"untie_head", "name_matmuls"} and passes["name_matmuls"]["named"] >= 0
     assert summary["bytes_after"] < summary["bytes_before"]
     assert rel_err(logits(folder), logits(merged_export)) < 0.1
 
@@ -293,6 +298,9 @@ def test_compress_bits_folder_ships_as_it_is(pipeline_inputs, tmp_path):
     shipped = ort_adapter.read(tmp_path / "q" / ADAPTER_FILE).quantized()
     on_disk = read_file(tmp_path / "c" / "quantized.safetensors")
     assert shipped.header() == on_disk.header()
+    # the source is stored relative to each file's folder (c/ and q/ are siblings, so the two agree)
+    assert shipped.source == on_disk.source and not Path(on_disk.source).is_absolute()
+    assert (tmp_path / "c" / on_disk.source).resolve() == (pipeline_inputs / "adapter").resolve()
     for k, v in on_disk.arrays().items():
         np.testing.assert_array_equal(shipped.arrays()[k], v)
     stage = next(s for s in report["stages"] if s["stage"] == "quantize_adapter")

@@ -23,6 +23,8 @@ tt             U (shared)      (Σ_a w[a]·G2[a]) @ G3  (r_u × r_v)      Vt (sh
 
 The header: ``{"format": "edge_lora.compressed", "version": 1, "storage_dtype", "peft_config", "source",
 "groups": [{"name", "structure", "modules", "ranks"}], "modules": {name: {"group", "kind", "rank"}}}``.
+``source`` is the PEFT adapter folder it was compressed from, relative to the file's folder (files written before
+that hold an absolute path, still read); in memory it is a path usable from anywhere.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ import torch
 from edge_lora.adapter import Adapter, LoraModule
 from edge_lora.errors import AdapterError
 from edge_lora.files import atomic_file
+from edge_lora.formats.export_meta import loaded_source, stored_source
 
 FORMAT = "edge_lora.compressed"
 VERSION = 1
@@ -137,9 +140,11 @@ class CompressedAdapter:
                        extra_tensors={k: v.float() for k, v in self.extra_tensors.items()}, source=self.source,
                        storage_dtype=self.storage_dtype, form="compressed")
 
-    def header(self) -> dict:
+    def header(self, folder: str | os.PathLike | None = None) -> dict:
+        """The file's JSON header; with ``folder`` (where the file goes) ``source`` is recorded relative to it."""
+        source = self.source if folder is None else stored_source(self.source, folder)
         return {
-            "format": FORMAT, "version": VERSION, "storage_dtype": self.storage_dtype, "source": self.source,
+            "format": FORMAT, "version": VERSION, "storage_dtype": self.storage_dtype, "source": source,
             "peft_config": self.peft_config,
             "groups": [{"name": g.name, "structure": g.structure, "modules": g.modules, "ranks": g.ranks,
                         "shared": sorted(g.shared)} for g in self.groups],
@@ -167,7 +172,7 @@ class CompressedAdapter:
         tensors = {k: t.to(dtype).contiguous() for k, t in tensors.items() if t.numel() > 0}
         path = folder / FILE_NAME
         with atomic_file(path) as tmp:
-            save_file(tensors, str(tmp), metadata={"edge_lora": json.dumps(self.header())})
+            save_file(tensors, str(tmp), metadata={"edge_lora": json.dumps(self.header(folder))})
         return path
 
     @classmethod
@@ -208,7 +213,8 @@ class CompressedAdapter:
         biases = {k[len("bias."):]: t for k, t in tensors.items() if k.startswith("bias.")}
         extra = {k[len("extra."):]: t for k, t in tensors.items() if k.startswith("extra.")}
         return cls(groups=groups, kinds=kinds, biases=biases, peft_config=header.get("peft_config") or {},
-                   extra_tensors=extra, source=header.get("source"), storage_dtype=header["storage_dtype"])
+                   extra_tensors=extra, source=loaded_source(header.get("source"), path.parent),
+                   storage_dtype=header["storage_dtype"])
 
 
 def _fill_empty(g: CompressedGroup) -> None:

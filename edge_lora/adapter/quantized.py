@@ -20,6 +20,7 @@ import torch
 from edge_lora.adapter.peft import Adapter, LoraModule
 from edge_lora.errors import BudgetError, ProfileError
 from edge_lora.formats import quantized_factors as fmt
+from edge_lora.formats.export_meta import loaded_source, stored_source
 from edge_lora.formats.quantized_factors import SUPPORTED_BITS, ModuleCodes
 
 MIXED_CHOICES = (0,) + SUPPORTED_BITS
@@ -132,13 +133,16 @@ class QuantizedAdapter:
         return self.payload_bits() / max(self.original_params, 1)
 
     # ------------------------------------------------------------------------------------------ the format
-    def to_format(self) -> fmt.QuantizedFactors:
+    def to_format(self, folder: str | os.PathLike | None = None) -> fmt.QuantizedFactors:
+        """The format record; with ``folder`` (where its file goes) ``source`` is recorded relative to it."""
+        source = self.source if folder is None else stored_source(self.source, folder)
         return fmt.QuantizedFactors(modules=dict(self.modules), settings=asdict(self.config),
                                     original_params=self.original_params, peft_config=self.source_config,
-                                    source=self.source)
+                                    source=source)
 
     @classmethod
-    def from_format(cls, q: fmt.QuantizedFactors) -> "QuantizedAdapter":
+    def from_format(cls, q: fmt.QuantizedFactors, folder: str | os.PathLike | None = None) -> "QuantizedAdapter":
+        """``folder``: where the file was read from, so a relative ``source`` resolves against it."""
         try:
             config = FactorQuantConfig(**q.settings)
         except (TypeError, QuantizeError) as exc:
@@ -146,12 +150,13 @@ class QuantizedAdapter:
                                    "file again.") from exc
         modules = {n: QuantizedModule(name=m.name, kind=m.kind, B_rows=m.B_rows, A_rows=m.A_rows, bias=m.bias)
                    for n, m in q.modules.items()}
+        source = q.source if folder is None else loaded_source(q.source, folder)
         return cls(modules=modules, config=config, source_config=q.peft_config, original_params=q.original_params,
-                   source=q.source)
+                   source=source)
 
     def save(self, path: str | os.PathLike) -> Path:
-        return fmt.write_file(self.to_format(), path)
+        return fmt.write_file(self.to_format(Path(path).parent), path)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "QuantizedAdapter":
-        return cls.from_format(fmt.read_file(path))
+        return cls.from_format(fmt.read_file(path), Path(path).parent)

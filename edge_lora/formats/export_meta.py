@@ -43,7 +43,8 @@ REEXPORT = ("re-export the folder (python -m edge_lora export --base BASE --adap
             "--out DIR --force)")
 
 __all__ = ["FILE", "FORMAT_VERSION", "MODEL_FILE", "AdapterQuantization", "AdapterRanks", "BaseQuantization",
-           "ExportMeta", "FusedProjections", "LoraChain", "LoraGroup", "export_folder_hash", "relative_path"]
+           "ExportMeta", "FusedProjections", "LoraChain", "LoraGroup", "export_folder_hash", "loaded_source",
+           "relative_path", "stored_source"]
 
 
 class _Bad(ValueError):
@@ -319,6 +320,27 @@ def relative_path(path: str | os.PathLike, folder: str | os.PathLike) -> str:
     target it is renamed to give the same answer), with forward slashes."""
     rel = os.path.relpath(Path(path).resolve(), Path(folder).resolve())
     return rel.replace(os.sep, "/")
+
+
+def stored_source(source: str | None, folder: str | os.PathLike) -> str | None:
+    """An adapter's ``source`` as a file written into ``folder`` records it: relative to ``folder`` when it names
+    a path that exists or an absolute one (no file names a build machine's layout), else as it is (a label such
+    as 'planted')."""
+    if source is None:
+        return None
+    if os.path.isabs(source) or Path(source).exists():
+        return relative_path(source, folder)
+    return source
+
+
+def loaded_source(source: str | None, folder: str | os.PathLike) -> str | None:
+    """The inverse of :func:`stored_source` for a file read from ``folder``: a relative path that exists from
+    ``folder`` becomes an absolute one (usable from any working directory); an absolute one (files written before
+    sources were relative) or a label is kept."""
+    if source is None or os.path.isabs(source):
+        return source
+    path = Path(folder) / source
+    return str(path.resolve()) if path.exists() else source
 
 
 def _relative_field(v, where: str) -> str:

@@ -130,7 +130,8 @@ class QuantizedFactors:
     ``settings`` holds ``bits`` (uniform width or None), ``mixed_avg_bits`` (or None), ``group_size`` and
     ``symmetric``; ``original_params`` counts the factors of the adapter that was quantized (sizes are quoted per
     original parameter); ``source`` is the original PEFT adapter folder the codes stand for (validation compares
-    with it), as given by the writer."""
+    with it), as stored: relative to the file's folder (``QuantizedAdapter.save`` and the export write it so and
+    ``QuantizedAdapter.load`` resolves it; files written before hold an absolute path, still read)."""
 
     modules: dict[str, ModuleCodes]
     settings: dict

@@ -17,10 +17,14 @@ from the module names alone), confirmed on the graph: modules only fuse when the
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
+
+from edge_lora.formats.export_meta import LoraGroup
+from edge_lora.passes import GraphPass, PassResult
 
 RANK_DIM = "rank"
 
@@ -235,16 +239,40 @@ def fused_tag(nodes, number: int) -> str:
     return f"{parts[0][0]}/{'+'.join(p[1] for p in parts)}"
 
 
-def fuse_projections(model, lora_inputs: dict[str, list[str]] | None = None) -> dict:
-    """Fuse, in place, every set of ≥2 MatMuls that read one value with constant 2-D weights; in a hot-swap
-    graph, also fuse the LoRA branches of each :func:`lora_groups` group into one branch (new inputs named by
-    :func:`lora_input_names` of :func:`lora_group_name`, rank-0 defaults; the per-module inputs go away).
+@dataclass(frozen=True)
+class FuseDetails:
+    """``fused``: fused MatMuls made (packed plain projections and LoRA groups); ``groups``: the LoRA groups made,
+    each one branch of the graph (its per-module inputs are gone)."""
 
-    Returns ``{"nodes_before", "nodes_after", "fused": number of fused MatMuls made, "groups": [{"name",
-    "inputs": [A, B], "modules", "d_in", "d_out": [...]}]}`` where ``groups`` lists the LoRA groups made."""
+    nodes_before: int
+    nodes_after: int
+    fused: int
+    groups: tuple[LoraGroup, ...] = ()
+
+
+@dataclass(frozen=True)
+class FuseProjections(GraphPass):
+    """Fuse every set of ≥2 MatMuls that read one value with constant 2-D weights; with ``lora_inputs`` (a hot-swap
+    graph: module → its [A, B] input names), also fuse the LoRA branches of each :func:`lora_groups` group into one
+    branch (new inputs named by :func:`lora_input_names` of :func:`lora_group_name`, rank-0 defaults)."""
+
+    lora_inputs: Mapping[str, Sequence[str]] | None = None
+    name: ClassVar[str] = "fuse_projections"
+
+    def call(self, model) -> PassResult[FuseDetails]:
+        details = _fuse(model, self.lora_inputs or {})
+        return PassResult(self.name, model, details.fused > 0, details)
+
+
+def fuse_projections(model, lora_inputs: Mapping[str, Sequence[str]] | None = None) -> PassResult[FuseDetails]:
+    """:class:`FuseProjections` on ``model``, in place."""
+    return FuseProjections(lora_inputs)(model)
+
+
+def _fuse(model, lora_inputs: Mapping[str, Sequence[str]]) -> FuseDetails:
     em = _Emitter(model)
     graph = em.graph
-    branches = _find_branches(graph, lora_inputs or {})
+    branches = _find_branches(graph, lora_inputs)
     by_base = {id(b.base): b for b in branches.values()}
     readers: dict[int, tuple[object, list]] = {}
     for node in graph:
@@ -293,7 +321,5 @@ def fuse_projections(model, lora_inputs: dict[str, list[str]] | None = None) -> 
             split = em.split(add.outputs[0], sizes, tag + "/Split")
             old = [n for br in group for n in (br.base, br.bias, br.down, br.up, br.add) if n is not None]
             em.place([*new, down, up, add, split], old, [(br.add.outputs[0], o) for br, o in zip(group, split.outputs)])
-            groups.append({"name": name, "inputs": [a_name, b_name], "modules": modules, "d_in": int(d_in),
-                           "d_out": [int(s) for s in sizes]})
-    return {"nodes_before": nodes_before, "nodes_after": len(graph), "fused": em.count + len(groups),
-            "groups": groups}
+            groups.append(LoraGroup(name, (a_name, b_name), tuple(modules), d_in, tuple(sizes)))
+    return FuseDetails(nodes_before, len(graph), em.count + len(groups), tuple(groups))

@@ -104,3 +104,8 @@ def energy_ranks(singular_values: torch.Tensor, fractions=(0.5, 0.9, 0.99)) -> d
     cumulative = torch.cumsum(energy, 0) / total
     return {f"{int(f * 100)}%": int(torch.searchsorted(cumulative, torch.tensor(f - 1e-12, dtype=cumulative.dtype)) + 1)
             for f in fractions}
+
+
+def run(adapter: Adapter, config: CanonicalizeConfig = CanonicalizeConfig()) -> tuple[Adapter, StageReport]:
+    """The stage entry (every stage module has one: ``run(input, config) -> (output, StageReport)``)."""
+    return canonicalize(adapter, config)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,63 +33,14 @@ import torch
 
 from edge_lora.adapter import Adapter
 from edge_lora.adapter.compressed import CompressedAdapter, CompressedGroup, module_chain
+from edge_lora.config import COMPRESS_SCOPES, OUTPUT_STRUCTURES, CompressConfig  # noqa: F401  (importable here)
 from edge_lora.files import write_text_atomic
-from edge_lora.errors import AdapterError, BudgetError
+from edge_lora.errors import AdapterError, BudgetError, CompatibilityError, ConfigError, EdgeLoraError, ModelError
 from edge_lora.report import StageReport
 from edge_lora.stages import tensorize as tz
 from edge_lora.stages.canonicalize import canonicalize, energy_ranks
 
-SCOPES = ("group", "module", "global")
-OUTPUT_STRUCTURES = ("svd", "shared-out")
-
-
-@dataclass(frozen=True)
-class CompressConfig:
-    budget: float = 0.05                 # relative Frobenius error allowed (see scope)
-    energy: float | None = None          # alternatively: keep this fraction of the energy (budget = sqrt(1-energy))
-    scope: str = "group"                 # group | module | global
-    structure: str = "auto"              # auto | svd | shared-out | tucker2 | cp | tt
-    candidates: tuple[str, ...] = tz.STRUCTURES   # what auto may choose from
-    max_rank: int | None = None          # upper bound on every rank chosen (k_l, r_u, r_v, CP rank, TT ranks)
-    hooi_iters: int = 3                  # HOOI sweeps (tensorly) refining the chosen Tucker-2 fit
-    cp_auto_max_rank: int = 96           # auto skips CP fits above this rank bound (ALS cost; see search_cp)
-    storage_dtype: str = "float16"       # factors are stored (and sizes counted) in this dtype
-    verify: bool = True                  # recompute every module's error from the stored factors
-    # "weight": budgets on ‖ΔW−ΔŴ‖_F / ‖ΔW‖_F. "output": on ‖(ΔW−ΔŴ)X‖_F / ‖ΔW X‖_F over calibration inputs
-    # (C = XXᵀ per module, required); then only per-layer input factors are possible (svd, shared-out), since a
-    # basis shared across layers cannot stay shared once each layer's A is whitened by its own C.
-    error_metric: str = "weight"
-    curves: bool = False                 # keep error-versus-size curves in the report (for plots)
-    # Torch intra-op threads while the stage runs (None: leave as is). Nearly all the work is QR/SVD/eigh of
-    # tall-skinny or r-sized matrices, where MKL's threaded LAPACK is slower than one thread, and 100-300×
-    # slower when other processes hold the cores (measured: 0.47 s vs 1.6 ms for one 11008×16 QR on 2 busy cores).
-    threads: int | None = 1
-
-    def relative_budget(self) -> float:
-        return math.sqrt(max(1.0 - self.energy, 0.0)) if self.energy is not None else self.budget
-
-    def check(self) -> None:
-        if self.energy is not None and not 0.0 < self.energy <= 1.0:
-            raise BudgetError(f"compress: energy must be in (0, 1], got {self.energy}.")
-        if self.energy is None and not (isinstance(self.budget, (int, float)) and self.budget >= 0
-                                        and math.isfinite(self.budget)):
-            raise BudgetError(f"compress: budget is a relative error ≥ 0 (e.g. 0.05), got {self.budget!r}.")
-        if self.scope not in SCOPES:
-            raise BudgetError(f"compress: scope must be one of {', '.join(SCOPES)}, got {self.scope!r}.")
-        if self.structure != "auto" and self.structure not in tz.STRUCTURES:
-            raise BudgetError(f"compress: structure must be auto or one of {', '.join(tz.STRUCTURES)}, "
-                              f"got {self.structure!r}.")
-        unknown = set(self.candidates) - set(tz.STRUCTURES)
-        if unknown:
-            raise BudgetError(f"compress: unknown candidate structure(s) {sorted(unknown)}.")
-        if self.error_metric not in ("weight", "output"):
-            raise BudgetError(f"compress: error_metric must be 'weight' or 'output', got {self.error_metric!r}.")
-        if self.error_metric == "output" and self.structure not in ("auto",) + OUTPUT_STRUCTURES:
-            raise BudgetError(f"compress: structure {self.structure!r} shares an input basis across layers, which "
-                              "an output-error budget cannot keep (each layer's inputs differ); use "
-                              f"{' or '.join(OUTPUT_STRUCTURES)} or error_metric='weight'.")
-        if self.max_rank is not None and self.max_rank < 0:
-            raise BudgetError(f"compress: max_rank must be ≥ 0, got {self.max_rank}.")
+SCOPES = COMPRESS_SCOPES
 
 
 # ---------------------------------------------------------------------------------------------- search
@@ -354,7 +306,6 @@ def compress(adapter: Adapter, config: CompressConfig = CompressConfig(),
              calibration: dict[str, torch.Tensor] | None = None) -> tuple[CompressedAdapter, StageReport]:
     """Choose and fit a structure per group within the budget. ``calibration`` (module name → XᵀX over its
     inputs, d_in × d_in) adds output errors to the report."""
-    config.check()
     if not adapter.modules:
         raise AdapterError("compress: the adapter has no LoRA modules; there is nothing to compress.")
     previous = torch.get_num_threads()
@@ -374,15 +325,16 @@ def _whiten(modules, calibration):
 
     missing = [n for n in modules if n not in calibration]
     if missing:
-        raise BudgetError(f"compress: error_metric='output' needs calibration for every module; none for "
+        raise ConfigError(f"compress: error_metric='output' needs calibration for every module; none for "
                           f"{missing[:3]}{' ...' if len(missing) > 3 else ''}. Collect it with "
                           "collect_calibration() over the modules' own base model.")
     factors, whitened = {}, {}
     for n, m in modules.items():
         C = calibration[n].double()
         if C.shape != (m.d_in, m.d_in):
-            raise BudgetError(f"compress: calibration for {n!r} is {tuple(C.shape)}, expected "
-                              f"{m.d_in}×{m.d_in} (XXᵀ over the module's inputs).")
+            raise CompatibilityError(f"compress: calibration for {n!r} is {tuple(C.shape)}, expected "
+                                     f"{m.d_in}×{m.d_in} (XXᵀ over the module's inputs): collect it over the "
+                                     "adapter's own base model.")
         damp = 1e-6 * float(torch.trace(C)) / m.d_in + 1e-30
         L = torch.linalg.cholesky(C + damp * torch.eye(m.d_in, dtype=C.dtype))
         factors[n] = L
@@ -661,127 +613,110 @@ def write_plots(report: StageReport, folder: Path) -> list[Path]:
     return paths
 
 
-# ---------------------------------------------------------------------------------------------- CLI
-def add_cli(sub) -> None:
-    p = sub.add_parser(
-        "compress",
-        help="shrink a LoRA adapter within an error budget: per-module truncation or cross-layer sharing",
-        description="Canonicalize the adapter, then for each module type across layers measure what per-module "
-                    "rank truncation (svd), a shared output basis (shared-out), Tucker-2 (shared bases, small "
-                    "per-layer cores), CP and a tensor train cost at the budget, all from the small stacked core "
-                    "(no dense ΔW), and keep the smallest. Writes DIR/compressed.safetensors (shared factors "
-                    "stored once, JSON header), DIR/report.json, DIR/report.md and plots of the spectra and of "
-                    "error versus size. Exit 3 when a budget cannot be met.",
-    )
-    p.add_argument("adapter", help="PEFT LoRA folder (adapter_config.json + adapter_model.safetensors)")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--budget", type=float, default=0.05,
-                   help="allowed relative Frobenius error ‖ΔW−ΔŴ‖/‖ΔW‖ (default 0.05)")
-    p.add_argument("--energy", type=float, default=None,
-                   help="instead of --budget: keep this fraction of the energy Σσ² (e.g. 0.99)")
-    p.add_argument("--scope", choices=SCOPES, default="group",
-                   help="where the budget applies: per group (default), per module, or over the whole adapter "
-                        "(error spent where it saves most bytes)")
-    p.add_argument("--structure", choices=("auto",) + tz.STRUCTURES, default="auto",
-                   help="force one structure for every group, or let the budget choose per group (auto)")
-    p.add_argument("--max-rank", type=int, default=None, help="upper bound on every rank chosen")
-    p.add_argument("--calibrate", metavar="BASE",
-                   help="base model ('smollm2', HF folder, .gguf): collect C = XXᵀ of every module's inputs over a "
-                        "few hundred tokens of --calibration-text and report output errors")
-    p.add_argument("--calibration-text", metavar="FILE",
-                   help="text file for --calibrate (default: held-out prompts of the date → ISO demo task)")
-    p.add_argument("--output-budget", action="store_true",
-                   help="with --calibrate: apply --budget to the output error ‖(ΔW−ΔŴ)X‖/‖ΔW X‖ instead of the "
-                        "weight error (svd and shared-out only)")
-    p.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default="float16",
-                   help="storage dtype of the factors (default float16)")
-    q = p.add_argument_group(
-        "factor quantization",
-        "With --bits the result (after truncation/tensorization) is quantized group-wise and written to "
-        "DIR/quantized.safetensors (packed codes, fp16 scales; the JSON header describes the packing). Shared "
-        "cross-layer factors (shared-out, tucker2, cp, tt) are not quantized as shared tensors: each module's "
-        "expansion is canonicalized and its balanced factors quantized, so the file holds per-module factors. "
-        "Use --budget 0 to quantize without truncation.")
-    q.add_argument("--bits", metavar="8|4|3|2|mixed:AVG_BITS",
-                   help="uniform width, or mixed:AVG_BITS = per-component widths from {0,2,3,4,8} within an average "
-                        "budget in bits per parameter of the factors being quantized (e.g. mixed:3.0); the report "
-                        "also gives bits per parameter of the original adapter")
-    q.add_argument("--group-size", type=int, default=None, metavar="N",
-                   help="values per scale along d (default 64, at least 8); when N does not divide d the last "
-                        "group of a row is shorter and keeps its own scale (no padding)")
-    q.add_argument("--asymmetric", action="store_true",
-                   help="per-group zero points (one byte each) instead of symmetric codes")
-    p.add_argument("--as-peft", metavar="PEFT_DIR",
-                   help="also write the plain PEFT expansion of the result (with --bits: the DEQUANTIZED factors, "
-                        "fp32, so PEFT computes exactly what the quantized file stands for)")
-    p.add_argument("--force", action="store_true", help="overwrite --as-peft if it exists")
-    p.add_argument("--json", action="store_true", help="print the report as JSON instead of markdown")
-    p.set_defaults(func=_run_cli)
-
-
-def _run_cli(args) -> int:
-    from edge_lora.adapter import load_peft, save_peft
-
-    quant_config = _quant_config(args)   # before any work: a bad --bits must not cost a compression run
-    adapter = load_peft(args.adapter)
-    if args.output_budget and not args.calibrate:
-        raise BudgetError("--output-budget needs --calibrate BASE (the model whose activations define the error).")
-    config = CompressConfig(budget=args.budget, energy=args.energy, scope=args.scope, structure=args.structure,
-                            max_rank=args.max_rank, storage_dtype=args.dtype, curves=True,
-                            error_metric="output" if args.output_budget else "weight")
-    calibration = None
-    if args.calibrate:
-        from edge_lora.base import load_base
-
-        model, tokenizer = load_base(args.calibrate)
-        if tokenizer is None:
-            raise BudgetError(f"--calibrate {args.calibrate}: the base has no tokenizer to encode calibration text.")
-        if args.calibration_text:
-            texts = [t for t in Path(args.calibration_text).read_text().splitlines() if t.strip()]
-        else:
-            from edge_lora import eval as task
-            texts = [task.prompt_text(e) + task.target_text(e) for e in task.make_examples(64, seed=2, split="test")]
-        calibration = collect_calibration(model, tokenizer, texts, list(adapter.modules))
-    result, report = compress(adapter, config, calibration)
-    out = Path(args.out)
-    result.save(out)
-    expansion = result.to_adapter()
-    markdown = markdown_report(report)
-    if quant_config is not None:
-        from edge_lora.stages.quantize_factors import quantize_to_file
-
-        expansion, qreport = quantize_to_file(adapter, expansion, quant_config, out / QUANTIZED_FILE,
-                                               [g.name for g in result.groups if g.structure != "svd"])
-        report.metrics["quantize"] = qreport.to_dict()
-        markdown += "\n" + qreport.metrics["summary"] + "\n"
-    if args.as_peft:
-        save_peft(expansion, args.as_peft, overwrite=args.force)
-    write_text_atomic(out / "report.json", json.dumps(report.to_dict(), indent=2) + "\n")
-    write_text_atomic(out / "report.md", markdown)
-    write_plots(report, out)
-    if args.json:
-        print(json.dumps(report.to_dict(), indent=2))
-    else:
-        print(markdown)
-        print(f"wrote {out}/compressed.safetensors" + (f", {QUANTIZED_FILE}" if quant_config else "")
-              + ", report.md, report.json, spectra.png, error_vs_bytes.png"
-              + (f"; PEFT expansion{' (dequantized)' if quant_config else ''} in {args.as_peft}"
-                 if args.as_peft else ""))
-    return 0
-
-
+# ---------------------------------------------------------------------------------------------- a folder
 QUANTIZED_FILE = "quantized.safetensors"
+PLOT_FILES = ("spectra.png", "error_vs_bytes.png")
 
 
-def _quant_config(args):
+@dataclass(frozen=True)
+class CompressedFolder:
+    """What :func:`compress_folder` wrote: the report (``report.json``; with quantization, its report is under
+    ``metrics["quantize"]``), the markdown (``report.md``) and the file names in the folder."""
+
+    out: Path
+    report: StageReport
+    markdown: str
+    files: tuple[str, ...]
+    as_peft: Path | None = None
+
+
+def factor_quant_config(bits: str | None, group_size: int | None = None, asymmetric: bool = False):
+    """``compress --bits/--group-size/--asymmetric`` → a FactorQuantConfig, or None without ``bits``. Checked
+    before any work: a bad ``--bits`` must not cost a compression run."""
     from edge_lora.stages.quantize_factors import FactorQuantConfig, QuantizeError, parse_bits
 
-    if args.bits is None:
-        if args.group_size is not None or args.asymmetric:
+    if bits is None:
+        if group_size is not None or asymmetric:
             raise QuantizeError("--group-size and --asymmetric set factor quantization; add --bits (8, 4, 3, 2 or "
                                 "mixed:AVG_BITS) to quantize.")
         return None
-    config = FactorQuantConfig(**parse_bits(args.bits), group_size=64 if args.group_size is None else args.group_size,
-                               symmetric=not args.asymmetric)
-    config.validate()
-    return config
+    return FactorQuantConfig(**parse_bits(bits), group_size=64 if group_size is None else group_size,
+                             symmetric=not asymmetric)
+
+
+def calibration_texts(path: str | os.PathLike | None) -> list[str]:
+    """The non-empty lines of ``--calibration-text`` (default: held-out prompts of the date → ISO demo task)."""
+    if path is None:
+        from edge_lora import eval as task
+
+        return [task.prompt_text(e) + task.target_text(e) for e in task.make_examples(64, seed=2, split="test")]
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--calibration-text {path}: no such file; pass a UTF-8 text file (one calibration text "
+                          "per line), or leave the flag out to use the date-task prompts.")
+    try:
+        texts = [t for t in path.read_text(encoding="utf-8").splitlines() if t.strip()]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"--calibration-text {path} cannot be read as UTF-8 text ({exc}); pass a plain text "
+                          "file, one calibration text per line.") from exc
+    if not texts:
+        raise ConfigError(f"--calibration-text {path} has no non-empty lines; give a few hundred tokens of text "
+                          "like the adapter's inputs.")
+    return texts
+
+
+def calibrate(base, adapter: Adapter, text_file: str | os.PathLike | None = None) -> dict[str, torch.Tensor]:
+    """C = XXᵀ of every adapted module's inputs on ``base`` over the calibration texts."""
+    from edge_lora.base import load_base
+
+    texts = calibration_texts(text_file)   # before loading the base: a wrong path fails fast
+    model, tokenizer = load_base(base)
+    if tokenizer is None:
+        raise ModelError(f"--calibrate {base}: the base has no tokenizer files to encode calibration text; pass "
+                         "the HF folder that holds them (tokenizer.json / tokenizer_config.json).")
+    return collect_calibration(model, tokenizer, texts, list(adapter.modules))
+
+
+def compress_folder(adapter_dir: str | os.PathLike, out: str | os.PathLike, config: CompressConfig,
+                    quant_config=None, calibrate_base=None, calibration_text: str | os.PathLike | None = None,
+                    as_peft: str | os.PathLike | None = None, force: bool = False) -> CompressedFolder:
+    """``python -m edge_lora compress``: compress the PEFT folder ``adapter_dir`` (and, with ``quant_config``,
+    quantize the result) into the folder ``out``: compressed.safetensors, quantized.safetensors (with
+    ``quant_config``), report.json, report.md and plots, all written into a temporary folder renamed into place
+    at the end (a failure leaves no ``out``; an existing one is replaced only with ``force``). ``as_peft``: also
+    write the plain PEFT expansion (dequantized with ``quant_config``). Raises BudgetError when no fit meets the
+    budget."""
+    from edge_lora.adapter import load_peft, save_peft
+    from edge_lora.files import atomic_folder
+
+    out = Path(out)
+    for folder, flag in ((out, "--out"), (as_peft, "--as-peft")):
+        if folder is not None and Path(folder).exists() and not force:
+            raise EdgeLoraError(f"{flag} {folder} already exists; choose another folder or pass --force to "
+                                "replace it.")
+    if config.error_metric == "output" and calibrate_base is None:
+        raise ConfigError("--output-budget needs --calibrate BASE (the model whose activations define the error).")
+    if calibration_text is not None and calibrate_base is None:
+        raise ConfigError(f"--calibration-text {calibration_text} is only read with --calibrate BASE; add it.")
+    adapter = load_peft(adapter_dir)
+    calibration = calibrate(calibrate_base, adapter, calibration_text) if calibrate_base is not None else None
+    result, report = compress(adapter, config, calibration)
+    expansion = result.to_adapter()
+    markdown = markdown_report(report)
+    with atomic_folder(out) as tmp:
+        files = [result.save(tmp).name]
+        if quant_config is not None:
+            from edge_lora.stages.quantize_factors import quantize_to_file
+
+            expansion, qreport = quantize_to_file(adapter, expansion, quant_config, tmp / QUANTIZED_FILE,
+                                                   [g.name for g in result.groups if g.structure != "svd"])
+            report.metrics["quantize"] = qreport.to_dict()
+            markdown += "\n" + qreport.metrics["summary"] + "\n"
+            files.append(QUANTIZED_FILE)
+        write_text_atomic(tmp / "report.json", json.dumps(report.to_dict(), indent=2) + "\n")
+        write_text_atomic(tmp / "report.md", markdown)
+        files += ["report.md", "report.json"] + [p.name for p in write_plots(report, tmp)]
+        if as_peft is not None:   # before the rename: a failure here leaves no half-finished out either
+            save_peft(expansion, as_peft, overwrite=force)
+    return CompressedFolder(out=out, report=report, markdown=markdown, files=tuple(files),
+                            as_peft=Path(as_peft) if as_peft is not None else None)

@@ -4,10 +4,11 @@ merged:  ``onnx_export_from_model`` on the merged torch model. Causal LMs get th
          (task ``text-generation-with-past``: inputs input_ids, attention_mask, position_ids,
          past_key_values.*; outputs logits, present.*), encoders ``feature-extraction``.
 hotswap: every adapted module is wrapped as ``y = base(x) + (x·A)·B`` with *tag* factors (seeded random,
-         rank 2), exported the same way; then an onnx_ir pass finds each tag initializer by its bytes (names
-         do not survive the TorchScript exporter: weights become ``onnx::MatMul_123``), renames it to the name
-         from :func:`lora_input_names`, makes it a graph input of shape [d_in, "rank.<m>"] / ["rank.<m>", d_out]
-         and leaves an empty rank-0 initializer as its default. Without an adapter the branch adds exact zeros.
+         rank 2), exported the same way; then a graph pass (edge_lora.passes.lora_inputs) finds each tag
+         initializer by its bytes (names do not survive the TorchScript exporter: weights become
+         ``onnx::MatMul_123``), renames it to the name from :func:`lora_input_names`, makes it a graph input of
+         shape [d_in, "rank.<m>"] / ["rank.<m>", d_out] and leaves an empty rank-0 initializer as its default.
+         Without an adapter the branch adds exact zeros.
 
 Packed projections (``export.fuse_projections``, every mode; edge_lora.passes.fuse): MatMuls that read one
 value (q/k/v, gate/up) become one MatMul over the concatenated weight + Split. In a hot-swap graph the branches
@@ -33,10 +34,9 @@ import io
 import logging
 import os
 import re
-import shutil
 import time
 import warnings
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -45,7 +45,6 @@ import torch
 from edge_lora.adapter import Adapter, base_layer_shape, check_compatible
 from edge_lora.errors import CompatibilityError, ModelError
 from edge_lora.config import ExportConfig
-from edge_lora.files import fsync_and_replace, temp_folder_beside
 from edge_lora.report import StageReport
 
 # The LoRA input naming lives beside the fusion pass (which names group inputs); imported from here by callers.
@@ -63,14 +62,18 @@ from edge_lora.formats.export_meta import (  # noqa: F401  (the format's names, 
     LoraGroup,
     export_folder_hash,
 )
+from edge_lora import passes
 from edge_lora.passes.fuse import (  # noqa: F401
     RANK_DIM,
+    FuseDetails,
+    FuseProjections,
     fuse_projections,
     lora_group_name,
     lora_groups,
     lora_input_names,
     rank_dim,
 )
+from edge_lora.passes.lora_inputs import LiftDetails, LiftLoraInputs, lift_lora_inputs  # noqa: F401
 
 TAG_RANK = 2
 
@@ -170,17 +173,17 @@ def export_merged(model, tokenizer, out_dir: Path, config: ExportConfig = Export
     start = time.perf_counter()
     task = resolve_task(model, config)
     optimum_export(model, out_dir, task, config)
-    fused = rewrite_model(out_dir / MODEL_FILE, fuse_projections) if config.fuse_projections else None
+    fused = passes.apply(out_dir / MODEL_FILE, FuseProjections())[0].details if config.fuse_projections else None
     _save_side_files(model, tokenizer, out_dir)
     info = _new_meta(out_dir, mode="merged", task=task, fused_projections=_fuse_summary(fused), **(meta or {}))
     info = info.write(out_dir)
     return info, _report(config, out_dir, info, start)
 
 
-def _fuse_summary(result: dict | None) -> FusedProjections | None:
-    if result is None:
+def _fuse_summary(details: FuseDetails | None) -> FusedProjections | None:
+    if details is None:
         return None
-    return FusedProjections(int(result["fused"]), int(result["nodes_before"]), int(result["nodes_after"]))
+    return FusedProjections(details.fused, details.nodes_before, details.nodes_after)
 
 
 def _report(config: ExportConfig, out_dir: Path, info: ExportMeta, start: float) -> StageReport:
@@ -200,91 +203,8 @@ def _file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-# ------------------------------------------------------------------------------------------ hotswap
-def _digest(array: np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(array, dtype=np.float32).tobytes()).hexdigest()
-
-
-def rewrite_model(model_path: Path, fn):
-    """Load ``model_path`` with onnx_ir, apply ``fn(model)`` and save it in place (external data kept as such).
-    Returns what ``fn`` returns."""
-    import onnx_ir as ir
-
-    model = ir.load(model_path)
-    result = fn(model)
-    # ir.load reads external data lazily, from the files we are about to replace: write into a side folder
-    # under the final names (the model refers to its data file by name), then move both into place.
-    data = model_path.with_name(model_path.name + "_data")
-    side = temp_folder_beside(model_path.with_name("rewrite"))
-    try:
-        ir.save(model, side / model_path.name, external_data=data.name if data.exists() else None)
-        del model
-        # data file first: a crash between the two leaves the old graph, which ignores the unknown tail
-        for produced in sorted(side.iterdir(), key=lambda p: p.name == model_path.name):
-            fsync_and_replace(produced, model_path.parent / produced.name)
-    finally:
-        shutil.rmtree(side, ignore_errors=True)
-    return result
-
-
-def _lift(model, tags: dict[str, tuple[str, np.ndarray, list]]) -> dict[str, str]:
-    """Tag initializers → graph inputs with rank-0 defaults. ``tags``: digest → (input name, tag array, dims with
-    a symbolic name (see rank_dim) on the rank axes). Returns input name → name, for the tags found.
-
-    A tag used by several modules (a shared factor) should be one initializer; if the exporter duplicated it,
-    every copy is routed to the first, so the graph still has ONE input for it."""
-    import onnx_ir as ir
-
-    graph = model.graph
-    shapes = {tuple(arr.shape) for _, arr, _ in tags.values()}
-    found: dict[str, object] = {}
-    for value in list(graph.initializers.values()):
-        if value.const_value is None or tuple(value.shape or ()) not in shapes:
-            continue
-        hit = tags.get(_digest(value.const_value.numpy()))
-        if hit is None:
-            continue
-        new_name, _, dims = hit
-        if new_name in found:
-            ir.convenience.replace_all_uses_with(value, found[new_name])
-            graph.initializers.pop(value.name)
-            continue
-        value.name = new_name
-        empty = np.zeros([0 if isinstance(d, str) else d for d in dims], dtype=np.float32)
-        value.const_value = ir.tensor(empty, name=new_name)
-        value.shape = ir.Shape(dims)
-        value.type = ir.TensorType(ir.DataType.FLOAT)
-        graph.inputs.append(value)
-        found[new_name] = value
-    return {n: n for n in found}
-
-
-def lift_lora_inputs(model, branches: dict) -> dict[str, list[str]]:
-    """onnx_ir pass on ``model``: tag initializers → graph inputs with rank-0 defaults. Returns module → its input
-    names ([A, B], or [R, C, L] for a chain branch).
-
-    A module whose factors are absent from the graph does not reach the exported outputs (e.g. BERT's pooler
-    in a feature-extraction export, pruned by the exporter); it is left out of the result."""
-    tags = {}
-    for br in branches.values():
-        for name, param, dims in br.tags():
-            tags[_digest(param.detach().numpy())] = (name, param.detach().numpy(), dims)
-    found = _lift(model, tags)
-    out, half = {}, []
-    for module, br in branches.items():
-        names = [name for name, _, _ in br.tags()]
-        hits = [n for n in names if n in found]
-        if len(hits) == len(names):
-            out[module] = names
-        elif hits:
-            half.append(module)
-    if half:
-        raise ModelError(f"hotswap export: only some LoRA factors of {half[:3]} were found in the exported graph "
-                         "(the exporter folded or duplicated the others); this is a bug in edge_lora.")
-    return dict(sorted(out.items()))
-
-
 # ------------------------------------------------------------------------------------------ layout
+# The graph edits (lift the tags to inputs, pack projections) are passes: edge_lora.passes.lora_inputs and .fuse.
 # LoraGroup and LoraChain are records of edge_lora.json: defined in edge_lora.formats.export_meta, imported above.
 SHARED_STRUCTURES = ("shared-out", "tucker2", "cp", "tt")
 
@@ -399,7 +319,7 @@ def write_ort_adapter(adapter, path: Path, modules=None) -> list[str]:
 
     arrays = lora_input_arrays_for(adapter, modules)   # for a quantized adapter: checks it fits the layout
     if isinstance(adapter, QuantizedAdapter):
-        ort_adapter.write_quantized(adapter.to_format(), path)
+        ort_adapter.write_quantized(adapter.to_format(Path(path).parent), path)
     else:
         ort_adapter.write_float(arrays, path)
     return sorted(arrays)
@@ -515,23 +435,27 @@ def wrap_for_hotswap(model, targets: list[str], chains: dict[str, LoraChain] | N
     return branches
 
 
-def _graph_pass(model, branches: dict, fuse: bool) -> dict:
-    """Lift the tags to inputs, then (``fuse``) pack projections and fuse the LoRA groups."""
-    lora_inputs = lift_lora_inputs(model, branches)
-    plain = {m: v for m, v in lora_inputs.items() if isinstance(branches[m], LoraBranch)}
-    fused = fuse_projections(model, plain) if fuse else {"groups": []}
-    groups = [LoraGroup(g["name"], tuple(g["inputs"]), tuple(g["modules"]), g["d_in"], tuple(g["d_out"]))
-              for g in fused["groups"]]
+def _graph_passes(model_path: Path, branches: dict, fuse: bool
+                  ) -> tuple[dict[str, list[str]], list[LoraGroup], FuseDetails | None]:
+    """Lift the tags to inputs, then (``fuse``) pack projections and fuse the LoRA groups: one load and save.
+    Returns (module → its graph inputs, the LoRA groups of plain branches, the fuse pass's details or None)."""
+    tags = {m: [(n, p.detach().numpy(), dims) for n, p, dims in br.tags()] for m, br in branches.items()}
+    # the fuse pass needs no lift result: input names come from lora_input_names, and a module the lift did not
+    # find has no such inputs, so the fuse pass leaves it alone
+    plain = {m: list(br.input_names) for m, br in branches.items() if isinstance(br, LoraBranch)}
+    results = passes.apply(model_path, LiftLoraInputs(tags), *([FuseProjections(plain)] if fuse else []))
+    lifted: LiftDetails = results[0].details
+    fused: FuseDetails | None = results[1].details if fuse else None
+    groups = list(fused.groups) if fused is not None else []
     in_group = {m for g in groups for m in g.modules}
-    for m in sorted(set(plain) - in_group):
+    for m in sorted((set(lifted.inputs) & set(plain)) - in_group):
         br = branches[m]
-        groups.append(LoraGroup(m, tuple(plain[m]), (m,), int(br.lora_A.shape[0]), (int(br.lora_B.shape[1]),)))
-    module_inputs = {m: list(v) for m, v in lora_inputs.items()}
+        groups.append(LoraGroup(m, lifted.inputs[m], (m,), int(br.lora_A.shape[0]), (int(br.lora_B.shape[1]),)))
+    module_inputs = {m: list(v) for m, v in lifted.inputs.items()}
     for g in groups:
         for m in g.modules:
             module_inputs[m] = list(g.inputs)
-    return {"lora_inputs": dict(sorted(module_inputs.items())), "groups": sorted(groups, key=lambda g: g.name),
-            "fused": fused if fuse else None}
+    return dict(sorted(module_inputs.items())), sorted(groups, key=lambda g: g.name), fused
 
 
 def export_hotswap(model, tokenizer, adapter, out_dir: Path,
@@ -558,14 +482,13 @@ def export_hotswap(model, tokenizer, adapter, out_dir: Path,
     task = resolve_task(model, config)
     branches = wrap_for_hotswap(model, targets, chains)
     optimum_export(model, out_dir, task, config)
-    graph = rewrite_model(out_dir / MODEL_FILE, lambda m: _graph_pass(m, branches, config.fuse_projections))
-    lora_inputs, groups = graph["lora_inputs"], graph["groups"]
+    lora_inputs, groups, fused = _graph_passes(out_dir / MODEL_FILE, branches, config.fuse_projections)
     _save_side_files(model, tokenizer, out_dir)
     # the device's expansion of a quantized file must know these have no branch on purpose
     unused = sorted(set(branches) - set(lora_inputs))
     info = _new_meta(out_dir, mode="hotswap", task=task, lora_inputs=lora_inputs, lora_groups=groups,
                      lora_chains=[c for c in chains.values() if c.module in lora_inputs], lora_unreachable=unused,
-                     fused_projections=_fuse_summary(graph["fused"]), **(meta or {}))
+                     fused_projections=_fuse_summary(fused), **(meta or {}))
     if adapter is not None:
         params = write_ort_adapter(adapter, out_dir / ADAPTER_FILE, info)
         qc = quantized.config if quantized is not None else None
@@ -584,3 +507,34 @@ def export_hotswap(model, tokenizer, adapter, out_dir: Path,
         report.skipped.append(f"{len(unused)} adapted module(s) do not reach the exported outputs and have no "
                               f"LoRA input: {', '.join(unused[:5])}")
     return info, report
+
+
+# ------------------------------------------------------------------------------------------ the stage
+@dataclass(frozen=True)
+class Provenance:
+    """Where an export came from, as its ExportMeta records it. Paths relative to the export folder."""
+
+    base: str | None = None
+    base_path: str | None = None
+    base_sha256: str | None = None
+    adapter_source: str | None = None
+    adapter_sha256: str | None = None
+    reference_adapter: str | None = None
+    profile: str | None = None
+
+
+@dataclass(frozen=True)
+class ExportInput:
+    model: torch.nn.Module     # merged (mode "merged") or the plain base (mode "hotswap"; wrapped in place)
+    tokenizer: object | None
+    adapter: object | None     # hotswap: Adapter, CompressedAdapter or QuantizedAdapter (None: base only)
+    out_dir: Path              # an existing, empty folder
+    provenance: Provenance = Provenance()
+
+
+def run(inp: ExportInput, config: ExportConfig = ExportConfig()) -> tuple[ExportMeta, StageReport]:
+    """The stage entry (every stage module has one: ``run(input, config) -> (output, StageReport)``)."""
+    fields = asdict(inp.provenance)
+    if config.mode == "hotswap":
+        return export_hotswap(inp.model, inp.tokenizer, inp.adapter, inp.out_dir, config, fields)
+    return export_merged(inp.model, inp.tokenizer, inp.out_dir, config, fields)

@@ -14,7 +14,7 @@ bad adapter never leaves a half-merged model behind.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 
 import torch
 
@@ -99,3 +99,14 @@ def merge(model: torch.nn.Module, adapter: Adapter, config: MergeConfig = MergeC
                  "relative_update_norm": (delta_sq / weight_sq) ** 0.5 if weight_sq else 0.0},
     )
     return model, report
+
+
+@dataclass(frozen=True)
+class MergeInput:
+    model: torch.nn.Module   # merged in place
+    adapter: Adapter         # per-module factors (a compressed or quantized adapter's expansion)
+
+
+def run(inp: MergeInput, config: MergeConfig = MergeConfig()) -> tuple[torch.nn.Module, StageReport]:
+    """The stage entry (every stage module has one: ``run(input, config) -> (output, StageReport)``)."""
+    return merge(inp.model, inp.adapter, config)

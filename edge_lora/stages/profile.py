@@ -24,11 +24,12 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from edge_lora.errors import AdapterError, BudgetError, EdgeLoraError, ProfileError
-from edge_lora.config import register_stage_config
+from edge_lora.config import ProfileConfig
 from edge_lora.report import StageReport
 from edge_lora.runtimes.timing import (
     ORT_RUNTIMES,
@@ -43,46 +44,6 @@ from edge_lora.runtimes.timing import (
 STAGE = "profiling"
 
 
-@dataclass(frozen=True)
-class ProfileConfig:
-    """Latency and memory of the export on one runtime; budgets 0 = no budget."""
-
-    runtime: str = "ort_cpu"           # ort_cpu, ort_cuda, mobile (ORT format, 1-2 threads), llamacpp
-    threads: int = 2                   # intra-op threads; 0 = the runtime's default (all cores)
-    prompt_lengths: list = field(default_factory=lambda: [16, 128, 512])   # capped by the model's max positions
-    decode_tokens: int = 32            # decode steps per round, after the shortest prompt
-    runs: int = 5                      # recorded rounds (each runs every variant once, in turn)
-    warmup: int = 1                    # unrecorded rounds first
-    encoder_batch_sizes: list = field(default_factory=lambda: [1, 8])
-    isolate: bool = True               # load time and peak RSS of each variant in a fresh process
-    max_decode_ms_per_token: float = 0.0   # on every variant's median (p50) ms/token
-    max_peak_rss_mb: float = 0.0           # peak RSS of the fresh process (python + runtime + model)
-    max_adapter_file_mb: float = 0.0
-    max_load_seconds: float = 0.0
-
-    def __post_init__(self):
-        from edge_lora.runtimes import RUNNERS
-
-        if self.runtime not in RUNNERS:
-            raise ProfileError(f"{STAGE}.runtime = {self.runtime!r} is not valid; use one of "
-                               f"{', '.join(RUNNERS)}.")
-        for key in ("prompt_lengths", "encoder_batch_sizes"):
-            try:   # --set gives strings: "16,128" -> ["16", "128"]
-                values = [int(v) for v in getattr(self, key)]
-            except (TypeError, ValueError):
-                raise ProfileError(f"{STAGE}.{key} must be a list of positive integers, got "
-                                   f"{getattr(self, key)!r}.") from None
-            if not values or min(values) < 1:
-                raise ProfileError(f"{STAGE}.{key} must be a non-empty list of positive integers, got {values}.")
-            object.__setattr__(self, key, values)
-        if self.threads < 0 or self.decode_tokens < 1 or self.runs < 1 or self.warmup < 0:
-            raise ProfileError(f"{STAGE}: threads must be ≥ 0, decode_tokens and runs ≥ 1, warmup ≥ 0.")
-        budgets = ("max_decode_ms_per_token", "max_peak_rss_mb", "max_adapter_file_mb", "max_load_seconds")
-        if any(getattr(self, b) < 0 for b in budgets):
-            raise ProfileError(f"{STAGE}: budgets must be ≥ 0 (0 = no budget).")
-
-
-register_stage_config(STAGE, ProfileConfig)
 
 
 def folder_variants(folder, runtime: str, threads: int, adapters: list[str] | None = None,
@@ -104,13 +65,24 @@ def folder_variants(folder, runtime: str, threads: int, adapters: list[str] | No
     if adapters is None:
         adapters = [str(meta.path("adapter_file"))] if meta.adapter_file else []
     variants = [Variant(f"{name} no adapter{tag}", runtime, str(folder), threads, hotswap=True)]
-    for path in adapters:
+    for path, short in zip(adapters, _distinct_names(adapters)):
         if not Path(path).is_file():
             raise AdapterError(f"adapter file {path} does not exist; pass ORT adapter files (.onnx_adapter) "
                                "written for this hot-swap export.")
-        label = f"{name} + {Path(path).stem}{tag}"
-        variants.append(Variant(label, runtime, str(folder), threads, hotswap=True, adapter=str(path)))
+        variants.append(Variant(f"{name} + {short}{tag}", runtime, str(folder), threads, hotswap=True,
+                                adapter=str(path)))
     return variants
+
+
+def _distinct_names(paths: list[str]) -> list[str]:
+    """The shortest path tails that tell the files apart: installed adapters are all ``adapter.onnx_adapter``,
+    under ROOT/<id>/versions/<n>/, so their labels need the folders above."""
+    parts = [Path(p).with_suffix("").parts for p in paths]
+    for k in range(1, max((len(p) for p in parts), default=1) + 1):
+        names = ["/".join(p[-k:]) for p in parts]
+        if len(set(names)) == len(names):
+            return names
+    return [str(p) for p in paths]
 
 
 # ------------------------------------------------------------------------------------------ statistics
@@ -349,7 +321,16 @@ def stage_metrics(result: dict) -> dict:
     return metrics
 
 
-def _stage(ctx, config: ProfileConfig) -> StageReport:
+@dataclass(frozen=True)
+class ProfilingInput:
+    folder: Path                                   # the export folder (its report goes to FOLDER/profile)
+    progress: Callable[[str], None] = lambda text: None
+
+
+def run(inp: ProfilingInput, config: ProfileConfig) -> tuple[dict, StageReport]:
+    """The stage entry (every stage module has one: ``run(input, config) -> (output, StageReport)``): the export
+    and, for a hot-swap export, its own adapter file, interleaved; the full result (profile.json's content) is
+    returned and written to FOLDER/profile."""
     from edge_lora.stages.profile_report import write_report
 
     if config.runtime not in ORT_RUNTIMES:
@@ -357,20 +338,11 @@ def _stage(ctx, config: ProfileConfig) -> StageReport:
                            f"{', '.join(ORT_RUNTIMES)}, not {config.runtime!r}; profile other runtimes with "
                            "tools/bench_profile.py.")
     start = time.perf_counter()
-    variants = folder_variants(ctx.work_dir, config.runtime, config.threads, name="export")
-    result = run_profile(variants, config, ctx.progress)
-    write_report(ctx.work_dir / "profile", result, replace=True)
-    return StageReport(stage=STAGE, config=asdict(config), metrics=stage_metrics(result),
-                       seconds=time.perf_counter() - start, input_hash=None, skipped=result["skipped"])
-
-
-def _register_stage() -> None:
-    from edge_lora import pipeline
-
-    pipeline.register_stage(STAGE, _stage)
-
-
-_register_stage()
+    variants = folder_variants(inp.folder, config.runtime, config.threads, name="export")
+    result = run_profile(variants, config, inp.progress)
+    write_report(inp.folder / "profile", result, replace=True)
+    return result, StageReport(stage=STAGE, config=asdict(config), metrics=stage_metrics(result),
+                               seconds=time.perf_counter() - start, input_hash=None, skipped=result["skipped"])
 
 
 # ------------------------------------------------------------------------------------------ CLI

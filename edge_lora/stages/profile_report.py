@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 from edge_lora.files import atomic_folder
+from edge_lora.formats.export_meta import relative_path
 
 MOBILE_NOTE = "emulation of a phone CPU, not a phone"
 
@@ -16,11 +17,27 @@ def write_report(out: str | os.PathLike, result: dict, replace: bool = True) -> 
     out = Path(out)
     if out.exists() and not replace:
         raise FileExistsError(out)
+    result = portable(result, out)
     with atomic_folder(out) as tmp:
         (tmp / "profile.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
         plots = write_plots(tmp, result)
         (tmp / "profile.md").write_text(render_markdown(result, plots))
     return out
+
+
+def portable(result: dict, folder: str | os.PathLike) -> dict:
+    """``result`` with the paths it names (each variant's export folder and adapter file, its runner's model)
+    relative to ``folder``, where the report goes: a report names no build machine's layout."""
+    variants = []
+    for v in result["variants"]:
+        v = dict(v)
+        for key in ("path", "adapter"):
+            if v.get(key):
+                v[key] = relative_path(v[key], folder)
+        if v.get("info", {}).get("model"):
+            v["info"] = {**v["info"], "model": relative_path(v["info"]["model"], folder)}
+        variants.append(v)
+    return {**result, "variants": variants}
 
 
 # ------------------------------------------------------------------------------------------ markdown

@@ -28,91 +28,20 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from edge_lora.errors import ModelError, ProfileError
-from edge_lora.config import register_stage_config
+from edge_lora.config import (  # noqa: F401  (importable from here)
+    ADAPTER_CHOICES,
+    BASE_CHOICES,
+    EMBEDDING_CHOICES,
+    HEAD_CHOICES,
+    METHODS,
+    QuantizeConfig,
+    QuantizeConfigError,
+)
 from edge_lora.report import StageReport
 
 STAGE = "quantize"
-BASE_CHOICES = ("none", "int8", "int4")
-METHODS = ("weight_only", "dynamic")
-HEAD_CHOICES = ("fp32", "int8", "int4")
-EMBEDDING_CHOICES = ("fp32", "int4")
-ADAPTER_CHOICES = ("fp32", "int8", "int4", "int3", "int2", "mixed:AVG_BITS")
 EXTERNAL_DATA_ABOVE = 1_800_000_000   # protobuf's 2 GB limit, with room for the graph itself
-
-
-class QuantizeConfigError(ProfileError):
-    """A [quantize] setting is out of range."""
-
-
-@dataclass(frozen=True)
-class QuantizeConfig:
-    """Weight quantization of the exported base (see the module docstring for the measured trade-offs)."""
-
-    base: str = "none"               # "none", "int8", "int4"
-    method: str = "weight_only"      # "weight_only" (MatMulNBits) or "dynamic" (quantize_dynamic, int8 only)
-    block_size: int = 32             # weights per scale, along the input dimension (power of 2, ≥ 16)
-    symmetric: bool = True           # False adds a zero point per block
-    accuracy_level: int = 4          # MatMulNBits compute type: 4 = int8 activations (fast), 0 = fp32
-    int8_modules: list = field(default_factory=list)   # int4 base: MatMuls whose name contains one stay int8
-    lm_head: str = "int8"            # precision of the LM head: "fp32", "int8", "int4"
-    embedding: str = "fp32"          # the input embedding table: "fp32" or "int4" (GatherBlockQuantized)
-    # The adapter's factors, quantized by the one factor quantizer (stages/quantize_factors.py, as `compress
-    # --bits`) before the export: "int8".."int2" uniform widths, "mixed:AVG_BITS" per-component widths within an
-    # average budget, one fp16 scale per adapter_block_size values. A hot-swap export ships the codes in its
-    # adapter file (the graph stays float; the runtime expands them once at load, so decode runs at float-LoRA
-    # speed); a merged export folds their expansion in. An adapter from `compress --bits` ships as it is.
-    adapter: str = "fp32"
-    adapter_block_size: int = 32
-
-    def __post_init__(self):
-        def choice(key, allowed):
-            value = getattr(self, key)
-            if value not in allowed:
-                raise QuantizeConfigError(f"quantize.{key} = {value!r} is not valid; use one of "
-                                          f"{', '.join(map(repr, allowed))}.")
-
-        choice("base", BASE_CHOICES)
-        choice("method", METHODS)
-        choice("lm_head", HEAD_CHOICES)
-        choice("embedding", EMBEDDING_CHOICES)
-        if not _adapter_setting_ok(self.adapter):
-            raise QuantizeConfigError(f"quantize.adapter = {self.adapter!r} is not valid; use one of "
-                                      f"{', '.join(map(repr, ADAPTER_CHOICES))} (e.g. 'mixed:2.5').")
-        if (not isinstance(self.adapter_block_size, int) or isinstance(self.adapter_block_size, bool)
-                or self.adapter_block_size < 8):
-            raise QuantizeConfigError(f"quantize.adapter_block_size = {self.adapter_block_size!r}: use an integer "
-                                      "≥ 8, best a power of two (32 keeps the most accuracy; each block costs one "
-                                      "fp16 scale).")
-        if self.block_size < 16 or self.block_size & (self.block_size - 1):
-            raise QuantizeConfigError(f"quantize.block_size = {self.block_size}: MatMulNBits needs a power of 2 "
-                                      "≥ 16 (32 keeps the most accuracy, 128 the smallest scales).")
-        if self.accuracy_level not in (0, 1, 2, 3, 4):
-            raise QuantizeConfigError(f"quantize.accuracy_level = {self.accuracy_level}: use 0 (fp32 compute) "
-                                      "to 4 (int8 compute).")
-        if self.method == "dynamic" and (self.base != "int8" or self.lm_head == "int4"):
-            raise QuantizeConfigError("quantize.method = 'dynamic' exists for base = 'int8' (and lm_head 'int8' or "
-                                      "'fp32') only; int4 is weight-only (MatMulNBits).")
-        if not all(isinstance(m, str) and m for m in self.int8_modules):
-            raise QuantizeConfigError(f"quantize.int8_modules must be a list of module-name parts such as "
-                                      f"'down_proj', not {self.int8_modules!r}.")
-
-
-def _adapter_setting_ok(value) -> bool:
-    if not isinstance(value, str):
-        return False
-    if value.startswith("mixed:"):
-        try:
-            avg = float(value[len("mixed:"):])
-        except ValueError:
-            return False
-        return 0 < avg < 64
-    return value in ADAPTER_CHOICES[:-1]
-
-
-register_stage_config(STAGE, QuantizeConfig)
 
 
 # ------------------------------------------------------------------------------------------ graph prep
@@ -130,35 +59,13 @@ def _constant_weight_matmuls(graph) -> list:
     return out
 
 
-def prepare_graph(model, untie_head: bool) -> dict:
-    """Name unnamed MatMuls (the quantizers select nodes by name), and give the LM head its own weight when
-    it reads the embedding table through a Transpose (tied embeddings). Returns what it did."""
-    import onnx_ir as ir
+def prepare_graph(model, untie_head: bool) -> list:
+    """The graph passes before quantizing (edge_lora.passes.untie_head): untie the LM head (unless it stays fp32),
+    name unnamed MatMuls (the quantizers select nodes by name). Returns their PassResults."""
+    from edge_lora import passes
+    from edge_lora.passes.untie_head import NameMatMuls, UntieHead
 
-    graph = model.graph
-    untied = []
-    if untie_head:
-        for node in list(graph):
-            if node.op_type != "Transpose" or node.inputs[0] is None or node.inputs[0].const_value is None:
-                continue
-            perm = node.attributes.get_ints("perm", None)
-            table = node.inputs[0]
-            if len(table.shape or ()) != 2 or (perm is not None and list(perm) != [1, 0]):
-                continue
-            users = [u for u, _ in node.outputs[0].uses()]
-            if not users or any(u.op_type != "MatMul" for u in users):
-                continue
-            weight = ir.Value(name=f"{table.name}.untied_T", shape=ir.Shape(list(table.shape)[::-1]),
-                              type=ir.TensorType(table.dtype),
-                              const_value=ir.tensor(np.ascontiguousarray(table.const_value.numpy().T)))
-            graph.register_initializer(weight)
-            node.outputs[0].replace_all_uses_with(weight)
-            graph.remove(node, safe=True)
-            untied.append(table.name)
-    for i, node in enumerate(graph):
-        if node.op_type == "MatMul" and not node.name:
-            node.name = f"/edge_lora/MatMul_{i}"
-    return {"untied": untied}
+    return passes.run(model, *([UntieHead()] if untie_head else []), NameMatMuls())
 
 
 def head_nodes(graph) -> list[str]:
@@ -291,6 +198,7 @@ def quantize_base(model_path: str | os.PathLike, config: QuantizeConfig) -> tupl
     except Exception as exc:
         raise ModelError(f"cannot read {model_path} as ONNX: {exc}") from exc
     prep = prepare_graph(model, untie_head=config.lm_head != "fp32")
+    untied = next((list(r.details.untied) for r in prep if r.name == "untie_head"), [])
     plan = plan_bits(model.graph, config)
     proto = ir.serde.serialize_model(model)
     del model
@@ -314,9 +222,10 @@ def quantize_base(model_path: str | os.PathLike, config: QuantizeConfig) -> tupl
                "symmetric": config.symmetric, "accuracy_level": config.accuracy_level,
                "lm_head": config.lm_head, "embedding": config.embedding,
                "int4_matmuls": len(by_bits[4]), "int8_matmuls": len(by_bits[8]), "fp32_matmuls": len(by_bits[32]),
-               "untied": prep["untied"], "bytes_before": before, "bytes_after": after, "ops_after": ops}
+               "untied": untied, "bytes_before": before, "bytes_after": after, "ops_after": ops}
     report = StageReport(stage=STAGE, config=asdict(config), seconds=time.perf_counter() - start,
-                         metrics={**summary, "size_ratio": before / after if after else None})
+                         metrics={**summary, "size_ratio": before / after if after else None,
+                                  "graph_passes": {r.name: asdict(r.details) for r in prep}})
     return summary, report
 
 
@@ -340,27 +249,23 @@ def record_in_meta(folder: Path, summary: dict) -> None:
     quantized_meta(meta, summary, Path(folder) / meta.model_file).write(folder)
 
 
-def _stage(ctx, config: QuantizeConfig) -> StageReport:
-    """The base's weights. The adapter's factors were quantized before the export (pipeline._quantize_adapter,
-    the one factor quantizer), so the adapter file is final when this stage runs. Returns the updated
-    ExportMeta in ``ctx.export_meta``; the pipeline writes it."""
+@dataclass(frozen=True)
+class ExportFolder:
+    folder: Path               # an export folder (model.onnx is quantized in place)
+    meta: object               # its ExportMeta (in memory: the pipeline writes it once)
+
+
+def run(inp: ExportFolder, config: QuantizeConfig) -> tuple[object, StageReport]:
+    """The stage entry (every stage module has one: ``run(input, config) -> (output, StageReport)``): the base's
+    constant weights, quantized in place; returns the export's updated ExportMeta. The adapter's factors were
+    quantized before the export (the one factor quantizer), so the adapter file is final already."""
     from edge_lora.stages.export_onnx import MODEL_FILE, export_folder_hash
 
-    summary, report = quantize_base(ctx.work_dir / MODEL_FILE, config)
-    if summary:
-        if ctx.export_meta is None:
-            raise ModelError("the quantize stage runs after the export stage; list 'export' before 'quantize' in "
-                             "the profile's [profile] stages.")
-        ctx.export_meta = quantized_meta(ctx.export_meta, summary, ctx.work_dir / MODEL_FILE)
-        report.output_hash = export_folder_hash(ctx.work_dir)
-    report.input_hash = ctx.reports[-1].output_hash if ctx.reports else None
-    return report
-
-
-def _register_stage() -> None:
-    from edge_lora import pipeline
-
-    pipeline.register_stage(STAGE, _stage)
-
-
-_register_stage()
+    summary, report = quantize_base(inp.folder / MODEL_FILE, config)
+    if not summary:
+        return inp.meta, report
+    if inp.meta is None:
+        raise ModelError("the quantize stage runs after the export stage; list 'export' before 'quantize' in the "
+                         "profile's [profile] stages.")
+    report.output_hash = export_folder_hash(inp.folder)
+    return quantized_meta(inp.meta, summary, inp.folder / MODEL_FILE), report

@@ -21,7 +21,7 @@ import heapq
 import math
 import os
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -228,14 +228,16 @@ def load_quantized(path: str | os.PathLike) -> QuantizedAdapter:
 
 # ---------------------------------------------------------------------------------------------- the stage
 def quantize_adapter(original: Adapter, expansion: Adapter | None = None, cfg: FactorQuantConfig = FactorQuantConfig(),
-                     shared_groups: list[str] | None = None) -> tuple[QuantizedAdapter, StageReport]:
+                     shared_groups: list[str] | None = None, folder: str | os.PathLike | None = None
+                     ) -> tuple[QuantizedAdapter, StageReport]:
     """THE factor quantizer of edge_lora (``compress --bits``, and exports with ``quantize.adapter`` set):
     canonicalize the per-module ``expansion`` (``compress``'s result expanded, or ``original`` itself), quantize
     its balanced factors, and report sizes against the fp16 PEFT adapter (2 bytes per original parameter) and
     errors against ``original`` (truncation and quantization together) and the expansion (quantization alone).
 
     The returned QuantizedAdapter's ``expanded`` is exactly what its file decodes to (the encoding is lossless:
-    tested bit for bit), so a merged export, a PEFT expansion and the device all run the same factors."""
+    tested bit for bit), so a merged export, a PEFT expansion and the device all run the same factors.
+    ``folder``: where its file goes, if known (the file's size counts the source path as stored there)."""
     from edge_lora.formats.quantized_factors import to_bytes
     from edge_lora.stages.canonicalize import canonicalize, relative_error
 
@@ -249,7 +251,7 @@ def quantize_adapter(original: Adapter, expansion: Adapter | None = None, cfg: F
     total = sum(energy.values()) or 1.0
     fp16_bytes = original.params * 2
     payload = q.payload_bits() / 8
-    file_bytes = len(to_bytes(q.to_format()))
+    file_bytes = len(to_bytes(q.to_format(folder)))
     m = report.metrics
     m.update({
         "file": "quantized.safetensors", "file_bytes": file_bytes, "fp16_peft_bytes": fp16_bytes,
@@ -292,7 +294,7 @@ def quantize_to_file(original: Adapter, expansion: Adapter, cfg: FactorQuantConf
                      shared_groups: list[str] | None = None) -> tuple[Adapter, StageReport]:
     """:func:`quantize_adapter`, written to ``path`` (quantized.safetensors); returns the dequantized adapter (on
     ``expansion``'s config, for ``--as-peft``) and the report."""
-    q, report = quantize_adapter(original, expansion, cfg, shared_groups)
+    q, report = quantize_adapter(original, expansion, cfg, shared_groups, folder=Path(path).parent)
     save_quantized(q, path)
     return q.dequantize(canonical_like(expansion)), report
 
@@ -314,3 +316,16 @@ def adapter_quant_config(setting: str, group_size: int) -> FactorQuantConfig | N
     except QuantizeError as exc:
         raise QuantizeError(f"quantize.adapter = {setting!r}: {exc} Valid: 'fp32', 'int8', 'int4', 'int3', 'int2' "
                             "or 'mixed:AVG_BITS' (e.g. 'mixed:2.5').") from None
+
+
+@dataclass(frozen=True)
+class QuantizeFactorsInput:
+    original: Adapter               # the PEFT adapter that sizes and errors are measured against
+    expansion: Adapter | None = None   # what to quantize (compress's result expanded); None: the original
+    shared_groups: tuple[str, ...] = ()   # compress groups that shared factors across layers (for the report)
+
+
+def run(inp: QuantizeFactorsInput, config: FactorQuantConfig = FactorQuantConfig()
+        ) -> tuple[QuantizedAdapter, StageReport]:
+    """The stage entry (every stage module has one: ``run(input, config) -> (output, StageReport)``)."""
+    return quantize_adapter(inp.original, inp.expansion, config, list(inp.shared_groups) or None)

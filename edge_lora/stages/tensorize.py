@@ -31,7 +31,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-STRUCTURES = ("svd", "shared-out", "tucker2", "cp", "tt")
+from edge_lora.config import COMPRESS_STRUCTURES
+
+STRUCTURES = COMPRESS_STRUCTURES   # the fits below; the list lives with CompressConfig (edge_lora.config)
 F64 = torch.float64
 
 

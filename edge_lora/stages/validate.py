@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, replace
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -306,3 +308,26 @@ def _task_metrics(reference, tokenizer, candidate: Candidate, config: ValidateCo
         span = ref["exact_match"] - base["exact_match"]
         out["retention"] = (cand["exact_match"] - base["exact_match"]) / span if span else None
     return out
+
+
+@dataclass(frozen=True)
+class ValidateInput:
+    folder: Path                 # the export folder
+    reference: Any               # the PyTorch base + the ORIGINAL PEFT adapter (a PeftModel)
+    tokenizer: Any | None        # None: fixed ids (a weights-only base); the report says so
+    meta: ExportMeta | None = None   # the export's ExportMeta when the caller holds it (else read from folder)
+    progress: Callable[[str], None] | None = None
+
+
+@dataclass(frozen=True)
+class Validation:
+    passed: bool
+    budget_failures: tuple[str, ...]
+    metrics: Mapping[str, Any]
+
+
+def run(inp: ValidateInput, config: ValidateConfig = ValidateConfig()) -> tuple[Validation, StageReport]:
+    """The stage entry (every stage module has one: ``run(input, config) -> (output, StageReport)``)."""
+    metrics, report = validate(inp.folder, inp.reference, inp.tokenizer, config, inp.progress, meta=inp.meta)
+    return Validation(passed=not metrics["budget_failures"], budget_failures=tuple(metrics["budget_failures"]),
+                      metrics=metrics), report
