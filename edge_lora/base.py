@@ -131,21 +131,45 @@ def is_causal_lm(config) -> bool:
 def load_base(spec: str | os.PathLike, dtype=None):
     """Load a base model and its tokenizer (or None) in eval mode, fp32 unless ``dtype`` says otherwise."""
     import torch
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
     path = resolve_base(spec)
-    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+    except Exception as exc:  # a damaged or unknown config.json: JSON, value and OS errors alike
+        raise ModelError(f"{path}/config.json cannot be read as a transformers config: {exc}. Pass an HF model "
+                         "folder saved with save_pretrained.") from exc
     cls = AutoModelForCausalLM if is_causal_lm(config) else AutoModel
     try:
         model = cls.from_pretrained(path, dtype=dtype or torch.float32, local_files_only=True)
     except Exception as exc:
         raise ModelError(f"Could not load the base model from {path}: {exc}") from exc
     model.eval()
+    return model, load_tokenizer(path)
+
+
+# What tokenizers are saved as. A folder with none of these is a weights-only base (the tiny test models): no
+# tokenizer, and stages that need text say so in their report. A folder with one that does not load is broken,
+# and silently evaluating on random ids instead would hide that.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "merges.txt", "spiece.model", "sentencepiece.bpe.model")
+
+
+def load_tokenizer(folder: str | os.PathLike):
+    """The tokenizer saved in ``folder``, or None when the folder holds no tokenizer files at all; ModelError
+    when it holds some that do not load."""
+    folder = Path(folder)
+    present = [name for name in TOKENIZER_FILES if (folder / name).is_file()]
+    if not present:
+        return None
+    from transformers import AutoTokenizer
+
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except Exception:  # a weights-only folder is a valid base; stages that need text say so
-        tokenizer = None
-    return model, tokenizer
+        return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except Exception as exc:  # transformers raises many types (OSError, ValueError, JSON errors) for bad files
+        raise ModelError(f"the tokenizer in {folder} ({', '.join(present)}) does not load: "
+                         f"{type(exc).__name__}: {exc}. Repair those files (save the tokenizer again with "
+                         "save_pretrained), or remove them all to use the folder as a weights-only base.") from exc
 
 
 def tiny_model(kind: str = "llama", seed: int = 0):

@@ -86,8 +86,8 @@ class ValidateConfig:
         for key in ("task_base", "cache_reference"):
             _flag("validate", key, getattr(self, key))
         for key in ("min_top1_agreement", "max_mean_kl", "min_generation_agreement", "max_exact_match_drop",
-                    "max_hidden_rel_error"):
-            _number("validate", key, getattr(self, key), 0.0)
+                    "max_hidden_rel_error"):   # any number: an unmeetable budget is a (tested) budget miss
+            _number("validate", key, getattr(self, key), -math.inf, "a number")
 
 
 # ------------------------------------------------------------------------------------------ checks

@@ -12,6 +12,7 @@ misses a budget; the run then fails with BudgetError (exit code 3) and the repor
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import hashlib
 import json
@@ -23,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edge_lora.adapter.load import AnyAdapter, adapter_hash, expanded, load_adapter
 from edge_lora.files import replace_folder, temp_folder_beside, write_text_atomic
 from edge_lora.formats.export_meta import FILE as META_FILE, ExportMeta, relative_path
 from edge_lora.errors import BudgetError, CompatibilityError, EdgeLoraError
@@ -46,12 +48,12 @@ class RunContext:
     base_path: Path | None = None
     base_sha256: str | None = None
     adapter_sha256: str | None = None
-    adapter: Any = None                # edge_lora.adapter.Adapter, or a CompressedAdapter (compress output)
+    adapter: AnyAdapter | None = None  # as loaded (PEFT, compress output), then as the quantize_adapter step left it
     reference_adapter: Path | None = None   # the PEFT folder validation compares against (the original)
     model: Any = None                  # torch model (merged in place by the merge stage)
     tokenizer: Any = None
-    export_meta: Any = None            # edge_lora.formats.export_meta.ExportMeta: set by export, updated by quantize
-    meta_on_disk: Any = None           # the ExportMeta last written to work_dir (the pipeline writes changes)
+    export_meta: ExportMeta | None = None    # set by export, updated by quantize
+    meta_on_disk: ExportMeta | None = None   # the ExportMeta last written to work_dir (the pipeline writes changes)
     reports: list[StageReport] = field(default_factory=list)
     progress: Callable[[str], None] = lambda text: None
 
@@ -59,7 +61,7 @@ class RunContext:
         """``path`` relative to the export folder (the same before and after its rename: same parent)."""
         return None if path is None else relative_path(path, self.work_dir)
 
-    def provenance(self) -> dict:
+    def provenance(self) -> export_onnx.Provenance:
         """Where the export came from, as edge_lora.json and the report record it (validate re-loads from it).
         Paths are relative to the export folder; ``base`` stays a demo name ('smollm2') when it is one."""
         from edge_lora.base import DEMO_BASES
@@ -68,13 +70,10 @@ class RunContext:
         if base not in DEMO_BASES and Path(base).exists():
             base = self.relative(base)
         reference = self.reference_adapter if self.reference_adapter != self.adapter_path else None
-        return {"base": base, "base_path": self.relative(self.base_path), "base_sha256": self.base_sha256,
-                "adapter_source": self.relative(self.adapter_path), "adapter_sha256": self.adapter_sha256,
-                "reference_adapter": self.relative(reference), "profile": self.profile.name}
-
-
-# Kept importable from here for callers of the older names.
-from edge_lora.adapter.load import adapter_hash, expanded, load_adapter as load_adapter_folder  # noqa: E402,F401
+        return export_onnx.Provenance(
+            base=base, base_path=self.relative(self.base_path), base_sha256=self.base_sha256,
+            adapter_source=self.relative(self.adapter_path), adapter_sha256=self.adapter_sha256,
+            reference_adapter=self.relative(reference), profile=self.profile.name)
 
 
 # ------------------------------------------------------------------------------------------ stages
@@ -84,7 +83,7 @@ def _load(ctx: RunContext) -> StageReport:
     from edge_lora.base import base_content_hash, load_base, resolve_base
 
     start = time.perf_counter()
-    ctx.adapter, ctx.reference_adapter = load_adapter_folder(ctx.adapter_path)
+    ctx.adapter, ctx.reference_adapter = load_adapter(ctx.adapter_path)
     ctx.base_path = resolve_base(ctx.base_spec).resolve()
     ctx.model, ctx.tokenizer = load_base(ctx.base_path)
     check_compatible(expanded(ctx.adapter), ctx.model)
@@ -125,10 +124,11 @@ def _quantize_adapter(ctx: RunContext) -> StageReport | None:
 
 
 def quantized_hash(adapter) -> str:
-    """sha256 of a quantized adapter's encoded payload (what its adapter file carries)."""
+    """sha256 of a quantized adapter's encoded codes and settings (its source path left out: the same codes
+    hash the same on every machine)."""
     from edge_lora.formats.quantized_factors import to_bytes
 
-    return hashlib.sha256(to_bytes(adapter.to_format())).hexdigest()
+    return hashlib.sha256(to_bytes(dataclasses.replace(adapter.to_format(), source=None))).hexdigest()
 
 
 def load_peft_reference(ctx: RunContext):
@@ -147,8 +147,7 @@ def _merge(ctx: RunContext, config) -> StageReport:
 
 
 def _export(ctx: RunContext, config) -> StageReport:
-    inp = export_onnx.ExportInput(ctx.model, ctx.tokenizer, ctx.adapter, ctx.work_dir,
-                                  export_onnx.Provenance(**ctx.provenance()))
+    inp = export_onnx.ExportInput(ctx.model, ctx.tokenizer, ctx.adapter, ctx.work_dir, ctx.provenance())
     ctx.export_meta, report = export_onnx.run(inp, config)
     ctx.meta_on_disk = ctx.export_meta   # the export stage writes its folder's edge_lora.json itself
     report.input_hash = ctx.reports[-1].output_hash if ctx.reports else None
@@ -292,7 +291,7 @@ def build_report(ctx: RunContext, seconds: float) -> dict:
     profile = ctx.profile.to_dict()
     profile["source"] = _profile_source(profile.get("source"), ctx)
     return {"status": "FAILED" if failures else ("PASSED" if validated else "NOT VALIDATED"),
-            "budget_failures": failures, "seconds": seconds, **ctx.provenance(), "profile": profile,
+            "budget_failures": failures, "seconds": seconds, **dataclasses.asdict(ctx.provenance()), "profile": profile,
             "stages": [r.to_dict() for r in ctx.reports]}
 
 
@@ -357,11 +356,11 @@ def run_validate(folder: str | os.PathLike, overrides: list[str] | None = None, 
 
     folder = Path(folder)
     meta = ExportMeta.read(folder)
-    old = json.loads((folder / REPORT_JSON).read_text()) if (folder / REPORT_JSON).is_file() else {}
-    if old.get("profile"):
-        stored = {k: v for k, v in old["profile"].items() if k not in ("name", "description", "stages", "source")}
-        stored["profile"] = {"description": old["profile"]["description"], "stages": old["profile"]["stages"]}
-        profile = parse_profile(stored, old["profile"]["name"], old["profile"]["source"], parse_overrides(overrides))
+    old_profile, old_stages = _previous_report(folder)
+    if old_profile:
+        stored = {k: v for k, v in old_profile.items() if k not in ("name", "description", "stages", "source")}
+        stored["profile"] = {"description": old_profile["description"], "stages": old_profile["stages"]}
+        profile = parse_profile(stored, old_profile["name"], old_profile["source"], parse_overrides(overrides))
     else:
         profile = load_profile(meta.profile or "cpu-fp32", overrides)
     adapter_path, base_path = meta.path("adapter_source"), meta.path("base_path")
@@ -382,7 +381,7 @@ def run_validate(folder: str | os.PathLike, overrides: list[str] | None = None, 
         ctx.progress = say
         start("validate")
         ctx.tokenizer = _load_tokenizer(folder)
-        ctx.reports = [StageReport(**s) for s in old.get("stages", []) if s["stage"] != "validate"]
+        ctx.reports = [s for s in old_stages if s.stage != "validate"]
         _run_stage(ctx, "validate", lambda: _validate(ctx, profile.config("validate")))
     report = build_report(ctx, time.perf_counter() - started)
     write_report(folder, report)
@@ -390,70 +389,40 @@ def run_validate(folder: str | os.PathLike, overrides: list[str] | None = None, 
     return report
 
 
-def _load_tokenizer(folder: Path):
-    from transformers import AutoTokenizer
-
+def _previous_report(folder: Path) -> tuple[dict | None, list[StageReport]]:
+    """The profile table and stage reports of FOLDER/report.json (None, [] without one), which run_validate
+    keeps: a damaged file is an error naming it, not a traceback."""
+    path = folder / REPORT_JSON
+    if not path.is_file():
+        return None, []
+    fix = (f"re-export the folder, or delete {path} to validate with the profile named in "
+           f"{folder / META_FILE}")
     try:
-        return AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    except Exception:   # exports of weights-only bases have no tokenizer; validation then uses fixed ids
-        return None
+        old = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise EdgeLoraError(f"{path} cannot be read as JSON ({exc}); {fix}.") from exc
+    if not isinstance(old, dict):
+        raise EdgeLoraError(f"{path} holds {type(old).__name__}, not a report object; {fix}.")
+    profile = old.get("profile")
+    if profile:
+        missing = [k for k in ("name", "description", "stages", "source") if not isinstance(profile, dict)
+                   or k not in profile]
+        if missing:
+            raise EdgeLoraError(f"{path}: its profile has no {', '.join(missing)}; {fix}.")
+    known = {f.name for f in dataclasses.fields(StageReport)}
+    stages = []
+    for i, entry in enumerate(old.get("stages") or []):
+        if not isinstance(entry, dict) or "stage" not in entry or set(entry) - known:
+            raise EdgeLoraError(f"{path}: stages[{i}] is not a stage report (keys "
+                                f"{sorted(entry) if isinstance(entry, dict) else type(entry).__name__}; expected "
+                                f"{', '.join(sorted(known))}); {fix}.")
+        stages.append(StageReport(**entry))
+    return profile or None, stages
 
 
-# ------------------------------------------------------------------------------------------ CLI
-def add_cli(sub) -> None:
-    p = sub.add_parser(
-        "export",
-        help="merge or hot-swap-export a PEFT LoRA adapter with its base to ONNX, then validate it",
-        description="Run the stages of an export profile (export_profiles/NAME.toml): load the adapter and base "
-                    "and check they fit, merge W' = W + scale·B·A (merged profiles) or keep the LoRA factors as "
-                    "graph inputs (hot-swap profiles), export to ONNX with optimum (KV cache for causal LMs), "
-                    "and validate against the PyTorch base + original PEFT adapter. Writes the model, "
-                    "edge_lora.json, report.json and report.md into --out. Exit code 3 if a validation budget is "
-                    "missed (the report is still written and says FAILED).",
-    )
-    p.add_argument("--base", required=True, help="base model: HF folder, .gguf file, 'smollm2' or 'minilm'")
-    p.add_argument("--adapter", required=True, help="PEFT LoRA folder (adapter_config.json + safetensors)")
-    p.add_argument("--profile", default="cpu-fp32",
-                   help="profile name in export_profiles/ (cpu-fp32, cpu-hotswap, ...) or a .toml path "
-                        "(default: cpu-fp32)")
-    p.add_argument("--out", required=True, help="output folder; must not exist unless --force")
-    p.add_argument("--force", action="store_true", help="replace an existing output folder")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="STAGE.KEY=VALUE",
-                   help="override one profile key, e.g. --set validate.task_examples=64 (repeatable)")
-    p.add_argument("--quiet", action="store_true", help="no progress display")
-    p.set_defaults(func=_cli_export)
+def _load_tokenizer(folder: Path):
+    """The export's tokenizer (saved beside the model), or None for an export of a weights-only base: validation
+    then uses fixed ids and its report says so. Tokenizer files that do not load are a ModelError."""
+    from edge_lora.base import load_tokenizer
 
-    v = sub.add_parser(
-        "validate",
-        help="re-run validation of an existing export folder against the PyTorch reference",
-        description="Re-load the base and the original adapter recorded in DIR/edge_lora.json, run the "
-                    "validation stage with the budgets the export used (plus --set overrides) and rewrite "
-                    "DIR/report.json and DIR/report.md. Exit code 3 if a budget is missed.",
-    )
-    v.add_argument("dir", help="an export folder written by `python -m edge_lora export`")
-    v.add_argument("--set", dest="overrides", action="append", default=[], metavar="validate.KEY=VALUE",
-                   help="override a validation key, e.g. --set validate.min_top1_agreement=0.99 (repeatable)")
-    v.add_argument("--quiet", action="store_true", help="no progress display")
-    v.set_defaults(func=_cli_validate)
-
-
-def _summary(report: dict, out) -> None:
-    print(f"{report['status']}: {out} ({report['seconds']:.1f} s)")
-    for s in report["stages"]:
-        if s["stage"] == "validate":
-            keys = ("top1_agreement", "mean_kl", "generation_agreement", "exact_match_reference",
-                    "exact_match_candidate", "hidden_rel_error")
-            print("  " + ", ".join(f"{k}={_fmt(s['metrics'][k])}" for k in keys if k in s["metrics"]))
-
-
-def _cli_export(args) -> int:
-    report = run_export(args.base, args.adapter, args.profile, args.out, force=args.force,
-                        overrides=args.overrides, show_progress=not args.quiet)
-    _summary(report, args.out)
-    return 0
-
-
-def _cli_validate(args) -> int:
-    report = run_validate(args.dir, overrides=args.overrides, show_progress=not args.quiet)
-    _summary(report, args.dir)
-    return 0
+    return load_tokenizer(folder)

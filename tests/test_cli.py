@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
+import pytest
 from conftest import ADAPTER_TABLE, make_peft_adapter
 from edge_lora.base import tiny_model
 
@@ -49,3 +51,177 @@ def test_bad_adapter_path_is_a_clean_error(tmp_path):
     out = run_cli("inspect", tmp_path / "missing")
     assert out.returncode == 2
     assert "does not exist" in out.stderr and "Traceback" not in out.stderr
+
+
+# ------------------------------------------------------------------------------------------ no tracebacks
+# Every mistake a user can make on the command line ends in one "error: ..." paragraph naming the file or key
+# and the fix, with exit code 2 (3 for a missed budget), never in a Python traceback.
+def assert_clean_error(out, *words, code=2):
+    assert out.returncode == code, (out.returncode, out.stderr[-3000:])
+    assert "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert out.stderr.startswith("error: "), out.stderr[-3000:]
+    for word in words:
+        assert word in out.stderr, (word, out.stderr)
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    """A tiny llama base (weights only, no tokenizer files) and a PEFT adapter for it."""
+    kind, kwargs = ADAPTER_TABLE["llama-all7"]
+    make_peft_adapter(kind, kwargs, tmp_path / "adapter")
+    tiny_model(kind).save_pretrained(tmp_path / "base")
+    return tmp_path / "base", tmp_path / "adapter"
+
+
+def with_tokenizer(base, folder):
+    """A copy of ``base`` with a small word-level tokenizer saved beside its weights."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"w{i}": i for i in range(120)} | {"[UNK]": 120}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    shutil.copytree(base, folder)
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(folder)
+    return folder
+
+
+def test_bad_merge_compute_dtype_is_a_config_error(tiny, tmp_path):
+    base, adapter = tiny
+    out = run_cli("export", "--base", base, "--adapter", adapter, "--out", tmp_path / "out", "--quiet",
+                  "--set", "merge.compute_dtype=float33")
+    assert_clean_error(out, "merge.compute_dtype = 'float33'", "'float32', 'float64'")
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_calibration_text_names_the_file(tiny, tmp_path):
+    base, adapter = tiny
+    missing = tmp_path / "no-such-text.txt"
+    out = run_cli("compress", adapter, "--out", tmp_path / "out", "--calibrate", with_tokenizer(base, tmp_path / "b"),
+                  "--calibration-text", missing)
+    assert_clean_error(out, f"--calibration-text {missing}", "no such file")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_dying_fresh_process_is_a_clear_error():
+    """The profiler's memory-measuring child process crashing (here: a runner option it does not take) was a bare
+    RuntimeError carrying the child's traceback."""
+    from edge_lora.errors import EdgeLoraError
+    from edge_lora.runtimes.timing import Variant, measure_isolated
+
+    variant = Variant("v", "ort_cpu", "no-such-export", 1, options=(("no_such_option", 1),))
+    plan = {"encoder": False, "prompts": {8: [1] * 8}, "lengths": [8]}
+    with pytest.raises(EdgeLoraError) as err:
+        measure_isolated(variant, 2, plan, None)
+    msg = str(err.value)
+    assert "measuring v (ort_cpu, no-such-export) in a fresh process failed" in msg and "no_such_option" in msg
+    assert "--no-isolate" in msg and "Traceback" not in msg and err.value.exit_code == 2
+
+
+def _damaged_header(src, dst, edit):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(src / "compressed.safetensors"), framework="pt") as f:
+        header, tensors = json.loads(f.metadata()["edge_lora"]), {k: f.get_tensor(k) for k in f.keys()}
+    edit(header)
+    shutil.copytree(src, dst)
+    save_file(tensors, str(dst / "compressed.safetensors"), metadata={"edge_lora": json.dumps(header)})
+    return dst
+
+
+def _drop_groups(h):
+    del h["groups"]
+
+
+def _ranks_str(h):
+    h["groups"][0]["ranks"] = "big"
+
+
+def _unknown_structure(h):
+    h["groups"][0]["structure"] = "hosvd"
+
+
+def _no_kind(h):
+    del h["modules"][next(iter(h["modules"]))]["kind"]
+
+
+def _misshapen(h):
+    h["groups"][0]["ranks"]["d_in"] += 1
+
+
+@pytest.mark.parametrize("edit, words", [
+    (_drop_groups, ["header key groups is missing"]),
+    (_ranks_str, ["header key groups[0].ranks is str 'big', not dict"]),
+    (_unknown_structure, ["groups[0].structure is 'hosvd', not one of svd, shared-out"]),
+    (_no_kind, ["header key modules['model.layers.0.", ".kind is missing"]),
+    (_misshapen, ["do not chain to"]),
+])
+def test_malformed_compressed_header_is_an_adapter_error(tiny, tmp_path, edit, words):
+    from edge_lora.adapter.compressed import CompressedAdapter
+    from edge_lora.errors import AdapterError
+
+    _, adapter = tiny
+    assert run_cli("compress", adapter, "--out", tmp_path / "c", "--budget", "0.3").returncode == 0
+    bad = _damaged_header(tmp_path / "c", tmp_path / "bad", edit)
+    with pytest.raises(AdapterError) as err:
+        CompressedAdapter.load(bad)
+    assert str(bad / "compressed.safetensors") in str(err.value) and "Compress the adapter again" in str(err.value)
+    for word in words:
+        assert word in str(err.value)
+
+
+def test_malformed_compressed_header_from_the_cli(tiny, tmp_path):
+    base, adapter = tiny
+    assert run_cli("compress", adapter, "--out", tmp_path / "c", "--budget", "0.3").returncode == 0
+    bad = _damaged_header(tmp_path / "c", tmp_path / "bad", _ranks_str)
+    out = run_cli("export", "--base", base, "--adapter", bad, "--out", tmp_path / "out", "--quiet")
+    assert_clean_error(out, str(bad / "compressed.safetensors"), "groups[0].ranks", "Compress the adapter again")
+
+
+def test_compress_out_is_refused_unless_force_and_written_whole(tiny, tmp_path):
+    _, adapter = tiny
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "mine.txt").write_text("keep")
+    refused = run_cli("compress", adapter, "--out", out, "--budget", "0.3")
+    assert_clean_error(refused, f"--out {out} already exists", "--force")
+    assert [p.name for p in out.iterdir()] == ["mine.txt"]
+    ok = run_cli("compress", adapter, "--out", out, "--budget", "0.3", "--bits", "4", "--force")
+    assert ok.returncode == 0, ok.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["compressed.safetensors", "error_vs_bytes.png",
+                                                     "quantized.safetensors", "report.json", "report.md",
+                                                     "spectra.png"]
+    # a run that fails (here: a budget no fit meets) leaves no folder behind, not half of one
+    missed = run_cli("compress", adapter, "--out", tmp_path / "missed", "--budget", "0.001", "--structure",
+                     "tucker2", "--max-rank", "1")
+    assert_clean_error(missed, "budget", code=3)
+    assert not (tmp_path / "missed").exists() and [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_broken_tokenizer_files_are_an_error_not_random_ids(tiny, tmp_path):
+    base, adapter = tiny
+    broken = with_tokenizer(base, tmp_path / "broken")
+    (broken / "tokenizer.json").write_text("{not json")
+    out = run_cli("export", "--base", broken, "--adapter", adapter, "--out", tmp_path / "out", "--quiet")
+    assert_clean_error(out, f"the tokenizer in {broken}", "tokenizer.json", "does not load")
+    out = run_cli("compress", adapter, "--out", tmp_path / "c", "--calibrate", broken)
+    assert_clean_error(out, f"the tokenizer in {broken}")
+
+
+def test_no_tokenizer_files_validates_on_fixed_ids_and_says_so(tiny, tmp_path):
+    base, adapter = tiny
+    out = run_cli("export", "--base", base, "--adapter", adapter, "--out", tmp_path / "out", "--quiet")
+    assert out.returncode == 0, out.stderr
+    assert "fixed random token ids (seeded), not text, because the base has no tokenizer files" in (
+        tmp_path / "out" / "report.md").read_text()
+    # a damaged report.json of that folder: re-validating says which file and what to do
+    (tmp_path / "out" / "report.json").write_text("{not json")
+    again = run_cli("validate", tmp_path / "out", "--quiet")
+    assert_clean_error(again, str(tmp_path / "out" / "report.json"), "re-export the folder, or delete")
+
+
+def test_bad_profile_flag_is_a_usage_error():
+    out = run_cli("profile", "somewhere", "--prompt-lengths", "16,abc")
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "'16,abc' is not a comma-separated list of integers" in out.stderr

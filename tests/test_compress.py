@@ -13,7 +13,7 @@ from conftest import ADAPTER_TABLE, make_peft_adapter, model_output
 
 from edge_lora.adapter import Adapter, LoraModule, load_peft, save_peft
 from edge_lora.adapter.compressed import CompressedAdapter, module_chain
-from edge_lora.errors import AdapterError, BudgetError
+from edge_lora.errors import AdapterError, BudgetError, ConfigError
 from edge_lora.stages import tensorize as tz
 from edge_lora.stages.compress import CompressConfig, compress, markdown_report, write_plots
 
@@ -263,11 +263,15 @@ def test_unmeetable_budget_names_group_and_best():
         compress(ad, CompressConfig(budget=0.001, structure="tucker2", max_rank=2))
 
 
-@pytest.mark.parametrize("bad", [dict(budget=-0.1), dict(budget=float("nan")), dict(energy=1.5),
-                                 dict(scope="layer"), dict(structure="hosvd"), dict(max_rank=-1)])
-def test_bad_config_is_a_budget_error(bad):
-    with pytest.raises(BudgetError):
-        compress(planted(), CompressConfig(**bad))
+@pytest.mark.parametrize("bad, key", [(dict(budget=-0.1), "budget"), (dict(budget=float("nan")), "budget"),
+                                      (dict(energy=1.5), "energy"), (dict(scope="layer"), "scope"),
+                                      (dict(structure="hosvd"), "structure"), (dict(max_rank=-1), "max_rank"),
+                                      (dict(candidates=("svd", "pca")), "candidates")])
+def test_bad_config_is_a_config_error_not_a_budget_miss(bad, key):
+    """A typo in a setting is exit 2 (change the setting), never BudgetError's 3 (the data missed a target)."""
+    with pytest.raises(ConfigError, match=rf"compress\.{key} = .* is not valid; use ") as err:
+        CompressConfig(**bad)
+    assert not isinstance(err.value, BudgetError) and err.value.exit_code == 2
 
 
 def test_empty_adapter():
@@ -387,7 +391,7 @@ def test_output_error_budget_with_hooked_calibration(tmp_path):
             num += float(torch.trace((ref - approx) @ C @ (ref - approx).T))
             den += float(torch.trace(ref @ C @ ref.T))
         assert math.sqrt(num / den) <= budget + 1e-4, grp.name
-    with pytest.raises(BudgetError, match="calibration"):
+    with pytest.raises(ConfigError, match="calibration"):
         compress(ad, CompressConfig(error_metric="output"))
-    with pytest.raises(BudgetError, match="input basis"):
-        compress(ad, CompressConfig(error_metric="output", structure="tucker2"), calibration=calib)
+    with pytest.raises(ConfigError, match="input basis"):
+        CompressConfig(error_metric="output", structure="tucker2")

@@ -117,12 +117,16 @@ def run_chain(work: Path, bits: str = "mixed:3.0", budget: float = 0.2, runs: in
         "--adapters", ",".join(str(r.installed) for r in result["rows"]))
     result["profile_seconds"] = time.perf_counter() - t
     result["profile"] = json.loads((work / "profile" / "profile.json").read_text())
+    result["profile_dir"] = work / "profile"   # the report's paths are relative to it
     result["profiled_export"] = profiled.name
     return result
 
 
-def _by_adapter(profile: dict, path: Path) -> tuple[dict | None, dict | None]:
-    variant = next((v for v in profile["variants"] if v.get("adapter") and Path(v["adapter"]) == path), None)
+def _by_adapter(profile: dict, path: Path, folder: Path) -> tuple[dict | None, dict | None]:
+    """The variant (and its comparison) that ran the adapter file ``path``; profile.json names files relative to
+    ``folder``, the report's folder."""
+    variant = next((v for v in profile["variants"]
+                    if v.get("adapter") and (folder / v["adapter"]).resolve() == path.resolve()), None)
     comp = next((c for c in profile["comparisons"] if variant and c["variant"] == variant["label"]), None)
     return variant, comp
 
@@ -146,7 +150,7 @@ def section(result: dict, command: str) -> str:
     ]
     profile = result["profile"]
     for row in result["rows"]:
-        v, c = _by_adapter(profile, row.installed)
+        v, c = _by_adapter(profile, row.installed, Path(result["profile_dir"]))
         m = row.validate
         ratio = c["decode_ratio"] if c else None
         lines.append(
@@ -164,7 +168,7 @@ def section(result: dict, command: str) -> str:
                   f"{profile['config'].get('runs')} interleaved rounds after warm-up; swap = loading the installed "
                   "file into the running session (a quantized file is decoded and laid out in memory first)."]
     comp = next(r for r in result["rows"] if r.name.startswith("compress"))
-    lines += ["", f"Time of each step for the compressed adapter (s): " + ", ".join(
+    lines += ["", "Time of each step for the compressed adapter (s): " + ", ".join(
         f"{k} {v:.1f}" for k, v in comp.seconds.items()) + f"; profile (all rows) {result['profile_seconds']:.1f}.",
         "", "The ort probe at install: " + "; ".join(f"{r.name.split(' (')[0]}: {r.probe.split(': ', 1)[-1]}"
                                                   for r in result["rows"]),

@@ -34,8 +34,9 @@ import torch  # noqa: E402
 
 from edge_lora.adapter import load_peft, save_peft  # noqa: E402
 from edge_lora.adapter.compressed import module_chain  # noqa: E402
+from edge_lora.config import CompressConfig  # noqa: E402
 from edge_lora.stages.canonicalize import canonicalize  # noqa: E402
-from edge_lora.stages.compress import CompressConfig, compress  # noqa: E402
+from edge_lora.stages.compress import compress  # noqa: E402
 from edge_lora.stages.tensorize import planted_adapter  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

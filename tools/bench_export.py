@@ -187,8 +187,13 @@ def profile_decode(folder: Path, adapter_file: Path | None, threads: int, n_toke
     session = ort.InferenceSession(str(folder / "model.onnx"), opts, providers=["CPUExecutionProvider"])
     options, keep = None, None
     if adapter_file is not None:
-        keep = ort.LoraAdapter()
-        keep.Load(str(adapter_file))
+        from edge_lora.formats import ort_adapter
+        from edge_lora.stages.export_onnx import read_meta
+
+        # a float file is memory-mapped as it is; a quantized one (the factor quantizer's codes) is expanded to
+        # float for this export's LoRA groups, as HotswapSession.load_adapter does
+        meta = read_meta(folder)
+        keep, _ = ort_adapter.load(adapter_file, meta.lora_groups, meta.lora_unreachable)
         options = ort.RunOptions()
         options.add_active_adapter(keep)
     decode_ms(session, options, np.arange(100, 132, dtype=np.int64)[None, :], n_tokens)

@@ -18,7 +18,6 @@ The full report (profile.json with raw samples, profile.md, plots) goes to --wor
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path

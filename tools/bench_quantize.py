@@ -11,6 +11,17 @@ Retention = (EM_candidate − EM_base) / (EM_adapter − EM_base). Size ratio = 
 original parameter) / quantized payload bytes (codes, fp16 scales, zero points, per-row widths); the file ratio
 uses the real save_quantized file (safetensors header and JSON metadata included).
 
+    python tools/bench_quantize.py --hotswap tiny,smollm2    # hot-swap adapter files, writes its own block
+    python tools/bench_quantize.py --hotswap tiny --rounds 2 --tokens 8 --no-write    # the quick check
+
+``--hotswap``: one hot-swap export per base (a float graph) and its adapter as the files a device receives: the
+export's float adapter file, and the one factor quantizer's codes (``quantize_adapter``, ``--hotswap-settings`` in
+``quantize.adapter`` syntax: int8, int4, mixed:AVG) written by ``write_ort_adapter(q, path, read_meta(export))``.
+Each file is loaded by ``HotswapSession.load_adapter`` (a quantized one is expanded to float in memory): file bytes,
+swap time (file → active adapter in the running session), decode ms/token with each adapter active on one session
+(interleaved one token at a time, with no adapter as the baseline), and top-1 / mean KL / logit error against the
+float adapter. The retired in-graph layout (codes + DequantizeLinear in the graph) is not measured any more.
+
 The script is modular so other parts (base-model quantization) can add their own tables: ``load_scorer`` loads the
 base model and the held-out sets once, ``factor_table`` runs one adapter's grid, ``factor_markdown`` renders it.
 """
@@ -18,6 +29,7 @@ base model and the held-out sets once, ``factor_table`` runs one adapter's grid,
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import tempfile
@@ -34,8 +46,9 @@ from bench_compress import deltas_of, env_line, kl_texts, logprobs, mean_kl, mer
 from benchmarks_md import write_section  # noqa: E402
 
 from edge_lora.adapter import load_peft  # noqa: E402
+from edge_lora.config import CompressConfig  # noqa: E402
 from edge_lora.stages.canonicalize import canonicalize  # noqa: E402
-from edge_lora.stages.compress import CompressConfig, compress  # noqa: E402
+from edge_lora.stages.compress import compress  # noqa: E402
 from edge_lora.stages.quantize_factors import FactorQuantConfig, quantize_factors, save_quantized  # noqa: E402
 
 ADAPTERS = ("date-iso-r16", "date-iso-patterns")
@@ -105,7 +118,7 @@ def factor_table(scorer: Scorer, adapter_name: str, budgets=BUDGETS, mixed=MIXED
         else:
             # quantize_factors takes per-module factors: the svd result's expansion is exactly its B·A per module.
             result, _ = compress(adapter, CompressConfig(budget=budget, structure="svd"))
-            source, _ = canonicalize(result.to_adapter())
+            source, _ = canonicalize(result.expanded)
         for avg in mixed:
             t = time.perf_counter()
             q, report = quantize_factors(source, FactorQuantConfig(bits=None, mixed_avg_bits=avg,
@@ -179,8 +192,9 @@ def factor_markdown(tables: list[dict], scorer: Scorer, group_size: int, env: st
     return "\n".join(lines).rstrip()
 
 
-# ---------------------------------------------------------------------------------------------- hot-swap layout
-DQ_SUFFIXES = (".dequantize", ".lo", ".hi", ".unpack", ".slice", ".scales_shape", ".zero_point")
+# ---------------------------------------------------------------------------------------------- hot-swap files
+# The settings of the hot-swap part, in `quantize.adapter` syntax (edge_lora.stages.quantize_factors).
+HOTSWAP_SETTINGS = ("int8", "int4", "mixed:3.0")
 
 
 def _tiny_adapter(work: Path):
@@ -249,134 +263,168 @@ def _interleaved_steps(variants: dict, prompt, rounds: int, tokens: int) -> dict
     return out
 
 
-def _dq_share(folder: Path, adapter_file: Path, threads: int, prompt, n_tokens: int) -> tuple[float, float]:
-    """ORT profiler over n decode steps: (kernel ms per step, of it in the dequantize/unpack nodes)."""
-    import json as _json
+def _sequences(tokenizer, vocab: int, kl_examples: int) -> tuple[list[np.ndarray], str]:
+    """What agreement is measured on: held-out prompt + target texts (a real base), or fixed random ids."""
+    if tokenizer is None:
+        from edge_lora.runtimes.ort_session import probe_ids
 
-    import onnxruntime as ort
+        n = max(kl_examples // 6, 2)
+        return [probe_ids(min(vocab, 1000), 64, seed=s) for s in range(n)], f"{n} random 64-token sequences"
+    from edge_lora import eval as task
 
-    from edge_lora.runtimes.hotswap import HotswapSession
-    from edge_lora.runtimes.ort_session import session_options
-
-    opts = session_options(threads)
-    opts.enable_profiling = True
-    opts.profile_file_prefix = str(folder / "profile")
-    hot = HotswapSession(folder, session=ort.InferenceSession(str(folder / "model.onnx"), opts,
-                                                               providers=["CPUExecutionProvider"]))
-    hot.load_adapter("a", adapter_file, check=False)
-    _decode_ms(hot.session, hot.run_options("a"), prompt, n_tokens)
-    events = _json.loads(Path(hot.session.end_profiling()).read_text())
-    # Only the decode steps after the first one: the prompt step and the first run carry one-off allocations.
-    runs = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e.get("name") == "model_run")[2:]
-    kernels = [e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")
-               and any(a <= e["ts"] <= b for a, b in runs)]
-    total = sum(e["dur"] for e in kernels) / 1e3
-    dq = sum(e["dur"] for e in kernels if e["name"][:-len("_kernel_time")].endswith(DQ_SUFFIXES)) / 1e3
-    return total / max(len(runs), 1), dq / max(len(runs), 1)
+    texts = kl_texts(task.make_examples(kl_examples, seed=1, split="test"))
+    return ([np.asarray(tokenizer(t)["input_ids"], dtype=np.int64)[None, :] for t in texts],
+            f"{len(texts)} held-out prompt + target texts")
 
 
-def hotswap_table(base: str, adapter_name: str | None, work: Path, threads: int = 2, rounds: int = 6,
-                  tokens: int = 24, group_size: int = 64) -> dict:
-    """Decode ms/token of a hot-swap export with float LoRA inputs vs int8 / int4 codes + DequantizeLinear, each
-    with no adapter and with the adapter active, interleaved; adapter file sizes; output agreement."""
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def _agreement(session, options: dict, sequences) -> tuple[dict[str, dict], int]:
+    """Next-token agreement of every adapter with the float one (``options["float"]``) over every position:
+    top-1, mean KL(float ‖ candidate), logit error ‖L − L_float‖ / ‖L_float − L_base‖ (base: options["no
+    adapter"]). One sequence at a time, so a 49k vocabulary does not hold every variant's logits at once."""
+    from edge_lora.runtimes.ort_session import full_feeds
+
+    first = [session.get_outputs()[0].name]
+    sums = {k: {"kl": 0.0, "top1": 0, "err": 0.0} for k in options}
+    den, n = 0.0, 0
+    for ids in sequences:
+        lg = {k: session.run(first, full_feeds(session, ids), o)[0][0].astype(np.float64)
+              for k, o in options.items()}
+        ref = _log_softmax(lg["float"])
+        den += float(((lg["float"] - lg["no adapter"]) ** 2).sum())
+        n += ref.shape[0]
+        for k, x in lg.items():
+            c = _log_softmax(x)
+            sums[k]["kl"] += float((np.exp(ref) * (ref - c)).sum())
+            sums[k]["top1"] += int((ref.argmax(-1) == c.argmax(-1)).sum())
+            sums[k]["err"] += float(((x - lg["float"]) ** 2).sum())
+    return {k: {"top1_vs_float": s["top1"] / n, "kl_vs_float": s["kl"] / n,
+                "rel_error_vs_float": math.sqrt(s["err"] / max(den, 1e-300))} for k, s in sums.items()}, n
+
+
+def hotswap_table(base: str, adapter_name: str | None, work: Path, settings=HOTSWAP_SETTINGS, threads: int = 1,
+                  rounds: int = 6, tokens: int = 24, group_size: int = 64, kl_examples: int = 24) -> dict:
+    """One hot-swap export (a float graph) and its adapter as files of the one factor quantizer: float (the
+    export's own adapter file) and each of ``settings`` (``quantize.adapter`` syntax: int8, int4, mixed:AVG),
+    written by write_ort_adapter for the export's layout and expanded to float by HotswapSession.load_adapter.
+    Per file: bytes, swap time, decode ms/token with it active (interleaved with the others and with no adapter
+    on one session), agreement with the float adapter."""
     import shutil
     import statistics
 
     from edge_lora.base import load_base, tiny_model
     from edge_lora.config import ExportConfig
     from edge_lora.runtimes.hotswap import HotswapSession
-    from edge_lora.runtimes.ort_session import full_feeds, probe_ids
-    from edge_lora.stages.export_onnx import ADAPTER_FILE, export_hotswap, read_meta
-    from edge_lora.stages.hotswap_quant import (
-        HotswapQuantConfig,
-        quantize_hotswap_folder,
-        write_quantized_ort_adapter,
-    )
+    from edge_lora.stages.export_onnx import ADAPTER_FILE, export_hotswap, read_meta, write_ort_adapter
+    from edge_lora.stages.quantize_factors import QuantizeError, adapter_quant_config, quantize_adapter
 
-    reuse = (work / "float" / "model.onnx").is_file() and (work / "float" / ADAPTER_FILE).is_file()
-    if not reuse:   # an earlier run's exports in --work are reused (the export is most of the time)
+    export = work / "export"
+    reuse = (export / "model.onnx").is_file() and (export / ADAPTER_FILE).is_file()
+    if not reuse:   # an earlier run's export in --work is reused (the export is most of the time)
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
     if base == "tiny":
-        adapter, model, tok, vocab = _tiny_adapter(work), tiny_model("llama"), None, 128
+        adapter, model, tok = _tiny_adapter(work), tiny_model("llama"), None
     else:
         adapter = load_peft(adapter_folder(adapter_name))
         model, tok = load_base(base)
-        vocab = model.config.vocab_size
+    vocab = model.config.vocab_size
     if not reuse:
-        (work / "float").mkdir()
-        export_hotswap(model, tok, adapter, work / "float", config=ExportConfig(mode="hotswap"))
+        export.mkdir()
+        export_hotswap(model, tok, adapter, export, config=ExportConfig(mode="hotswap"))
     del model
-    folders = {"float": work / "float"}
-    files = {"float": work / "float" / ADAPTER_FILE}
-    reports = {}
-    for bits in (8, 4):
-        cfg = HotswapQuantConfig(bits=bits, group_size=group_size)
-        folders[f"int{bits}"] = work / f"int{bits}"
-        shutil.rmtree(folders[f"int{bits}"], ignore_errors=True)
-        quantize_hotswap_folder(work / "float", folders[f"int{bits}"], cfg)
-        files[f"int{bits}"] = folders[f"int{bits}"] / "adapter.q"
-        reports[f"int{bits}"] = write_quantized_ort_adapter(adapter, files[f"int{bits}"], cfg,
-                                                            read_meta(folders[f"int{bits}"])).metrics
-    sessions = {k: HotswapSession(f, threads=threads) for k, f in folders.items()}
-    for k, s in sessions.items():
-        s.load_adapter("a", files[k])
-    ids = probe_ids(min(vocab, 1000), 64, seed=3)
-    logits = {(k, a): s.session.run(None, full_feeds(s.session, ids), s.run_options(a))[0]
-              for k, s in sessions.items() for a in (None, "a")}
-    ref, plain = logits["float", "a"], logits["float", None]
-    agreement = {k: {"no_adapter_max_abs_vs_float": float(np.abs(logits[k, None] - plain).max()),
-                     "rel_error_vs_float_adapter": float(np.linalg.norm(logits[k, "a"] - ref)
-                                                         / max(np.linalg.norm(ref - plain), 1e-30)),
-                     "top1_vs_float_adapter": float((logits[k, "a"].argmax(-1) == ref.argmax(-1)).mean())}
-                 for k in sessions}
-    variants = {f"{k}, {'adapter' if a else 'no adapter'}": (s.session, s.run_options(a))
-                for k, s in sessions.items() for a in (None, "a")}
+    meta = read_meta(export)
+    files = {"float": export / ADAPTER_FILE}
+    factor = {"float": {"bits_per_param": 32.0, "rel_error": 0.0}}
+    notes = []
+    for setting in settings:
+        cfg = adapter_quant_config(setting, group_size)
+        if cfg is None:
+            continue   # fp32: the export's own float file, always measured
+        try:
+            q, report = quantize_adapter(adapter, None, cfg, folder=work)
+        except QuantizeError as exc:   # e.g. a mixed budget below the least this adapter can take
+            notes.append(f"{setting}: {exc}")
+            continue
+        files[cfg.label] = work / f"{cfg.label.replace(':', '-')}.onnx_adapter"
+        write_ort_adapter(q, files[cfg.label], meta)
+        factor[cfg.label] = {"bits_per_param": report.metrics["bits_per_original_param"],
+                             "rel_error": report.metrics["rel_error_vs_original_weighted"]}
+    hot = HotswapSession(export, threads=threads)
+    swap = {}
+    for k, f in files.items():
+        hot.load_adapter(k, f)   # checked once on a probe input: the adapter changes the output
+        times = []
+        for _ in range(max(rounds, 3)):   # then the swap alone, as a device does it: file → active adapter
+            start = time.perf_counter()
+            hot.load_adapter("swap", f, check=False)
+            times.append((time.perf_counter() - start) * 1e3)
+            hot.unload_adapter("swap")
+        swap[k] = {"median_ms": statistics.median(times), "min_ms": min(times)}
+    options = {"no adapter": None, **{k: hot.run_options(k) for k in files}}
+    sequences, what = _sequences(tok, vocab, kl_examples)
+    agreement, positions = _agreement(hot.session, options, sequences)
+    variants = {k: (hot.session, o) for k, o in options.items()}
     prompt = (np.arange(32, dtype=np.int64)[None, :] * 7 + 100) % vocab
-    for sess, opts in variants.values():
+    for sess, opts in variants.values():   # warm-up
         _decode_ms(sess, opts, prompt, 4)
     per_round = _interleaved_steps(variants, prompt, rounds, tokens)
     timing = {k: {"median_ms": statistics.median(v), "min_ms": min(v), "max_ms": max(v)} for k, v in per_round.items()}
     for t in timing.values():
-        t["vs_float_no_adapter"] = t["median_ms"] / timing["float, no adapter"]["median_ms"] - 1
-    # The profiler's per-node bookkeeping swamps a tiny model's microsecond kernels (24 ms/step profiled vs 0.3 ms
-    # not): only a real model's kernel shares mean anything.
-    profile = {k: _dq_share(folders[k], files[k], threads, prompt, 16) for k in folders} if base != "tiny" else {}
-    sizes = {k: f.stat().st_size for k, f in files.items()}
-    return {"base": base, "adapter": adapter_name or "tiny random r8", "threads": threads, "rounds": rounds,
-            "tokens": tokens, "group_size": group_size, "timing": timing, "profile": profile, "sizes": sizes,
-            "agreement": agreement, "reports": reports, "load": os.getloadavg()[0]}
+        t["vs_no_adapter"] = t["median_ms"] / timing["no adapter"]["median_ms"] - 1
+    return {"base": base, "adapter": adapter_name or "tiny random r8", "params": adapter.params,
+            "fp16_bytes": adapter.params * 2, "threads": threads, "rounds": rounds, "tokens": tokens,
+            "group_size": group_size, "timing": timing, "swap": swap,
+            "sizes": {k: f.stat().st_size for k, f in files.items()}, "factor": factor, "agreement": agreement,
+            "positions": positions, "sequences": what, "notes": notes, "load": os.getloadavg()[0]}
 
 
 def hotswap_markdown(results: list[dict], env: str) -> str:
     import onnxruntime as ort
 
-    lines = [(f"Hot-swap graphs whose LoRA inputs are int8 or int4 codes + fp32 per-block scales feeding an opset-21 "
-             f"blocked DequantizeLinear (`edge_lora/stages/hotswap_quant.py`; int4 travels nibble-packed in uint8, "
-             f"since ORT's adapter format refuses int4 tensors, and is unpacked in the graph), against the float "
-             f"LoRA inputs. Decode, batch 1, 32-token prompt then N tokens with the KV cache, ONNX Runtime "
-             f"{ort.__version__} CPUExecutionProvider, fp32 base; the variants' decode steps interleaved one token "
-             f"at a time (each with its own KV cache, order rotating every step); median over rounds of the "
-             f"per-round median ms/token. {env}; the machine was shared by several processes, so absolute "
-             f"ms are noisy; compare within a table.")]
+    lines = [(f"Hot-swap adapter files of the one factor quantizer (`edge_lora/stages/quantize_factors.py`, the "
+              f"settings of `quantize.adapter`) against the export's float adapter file. The codes travel in the "
+              f"ONNX Runtime adapter file (`edge_lora/formats/ort_adapter.py`) and `HotswapSession.load_adapter` "
+              f"expands them to float in memory, so every file runs on the same float hot-swap graph. Swap = "
+              f"`load_adapter` of the file into the running session (read, decode, lay out for the export's LoRA "
+              f"groups, ORT LoraAdapter; no probe check), median (min) of repeats. Decode, batch 1, 32-token "
+              f"prompt then N tokens with the KV cache, ONNX Runtime {ort.__version__} CPUExecutionProvider, fp32 "
+              f"base, one session: the variants' decode steps interleaved one token at a time (each with its own "
+              f"KV cache, the order rotating every step, so every step runs another adapter than the step "
+              f"before); median over rounds of the per-round median ms/token. Agreement with the float adapter "
+              f"over every position: top-1, mean KL(float ‖ file), logit error ‖L − L_float‖ / ‖L_float − "
+              f"L_base‖. Bits/param = payload bits / the original adapter's parameters (float: 32); factor error "
+              f"= energy-weighted ‖ΔW − ΔŴ‖ / ‖ΔW‖ against the original adapter. The in-graph layout (int8/int4 "
+              f"codes + DequantizeLinear inside the graph, the retired table above) is gone: it decoded 37-45% "
+              f"slower with the adapter active. {env}; the machine was shared, so absolute ms are noisy; compare "
+              f"within a table.")]
     for r in results:
-        lines += ["", (f"**{r['base']}**, adapter {r['adapter']}, {r['threads']} threads, {r['rounds']} rounds × "
-                      f"{r['tokens']} tokens, groups of {r['group_size']} (load average {r['load']:.1f} at the end):"), "",
-                  "| variant | ms/token | min | max | vs float no adapter | kernel ms/step (profiler) | in dequantize/unpack |",
-                  "|---|---:|---:|---:|---:|---:|---:|"]
-        for k, t in r["timing"].items():
-            layout, _, which = k.partition(", ")
-            prof = r["profile"].get(layout) if which == "adapter" else None
-            lines.append(f"| {k} | {t['median_ms']:.2f} | {t['min_ms']:.2f} | {t['max_ms']:.2f} | "
-                         f"{t['vs_float_no_adapter'] * 100:+.1f}% | "
-                         + (f"{prof[0]:.2f} | {prof[1]:.2f} ({prof[1] / max(prof[0], 1e-9) * 100:.1f}%) |" if prof
-                            else "– | – |"))
-        lines += ["", ("| adapter file | bytes | vs float | output rel. error vs float adapter | top-1 agreement | "
-                      "no-adapter max abs vs float graph |"), "|---|---:|---:|---:|---:|---:|"]
+        lines += ["", (f"**{r['base']}**, adapter {r['adapter']} ({r['params']:,} params, "
+                       f"{r['fp16_bytes'] / 1024:.0f} KiB as fp16 PEFT), {r['threads']} threads, {r['rounds']} "
+                       f"rounds × {r['tokens']} tokens, groups of {r['group_size']}; agreement over "
+                       f"{r['positions']:,} positions of {r['sequences']}; for scale, no adapter against the "
+                       f"float adapter: top-1 {r['agreement']['no adapter']['top1_vs_float']:.3f}, mean KL "
+                       f"{r['agreement']['no adapter']['kl_vs_float']:.2e} (load average {r['load']:.1f} at the "
+                       f"end):"), "",
+                  ("| adapter file | bytes | vs float file | fp16 PEFT / file | bits/param | factor error | "
+                   "swap ms (min) | top-1 vs float | mean KL vs float | logit error vs float |"),
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for k, size in r["sizes"].items():
-            a = r["agreement"][k]
-            lines.append(f"| {k} | {size:,} | {size / r['sizes']['float']:.3f} | {a['rel_error_vs_float_adapter']:.4f} | "
-                         f"{a['top1_vs_float_adapter']:.3f} | {a['no_adapter_max_abs_vs_float']:.2g} |")
+            f, s, a = r["factor"][k], r["swap"][k], r["agreement"][k]
+            lines.append(f"| {k} | {size:,} | {size / r['sizes']['float']:.3f} | {r['fp16_bytes'] / size:.1f}× | "
+                         f"{f['bits_per_param']:.2f} | {f['rel_error']:.4f} | {s['median_ms']:.1f} "
+                         f"({s['min_ms']:.1f}) | {a['top1_vs_float']:.3f} | {a['kl_vs_float']:.2e} | "
+                         f"{a['rel_error_vs_float']:.4f} |")
+        lines += ["", "| active adapter | ms/token | min | max | vs no adapter |", "|---|---:|---:|---:|---:|"]
+        for k, t in r["timing"].items():
+            lines.append(f"| {k} | {t['median_ms']:.2f} | {t['min_ms']:.2f} | {t['max_ms']:.2f} | "
+                         f"{t['vs_no_adapter'] * 100:+.1f}% |")
+        for n in r["notes"]:
+            lines += ["", f"Not measured: {n}"]
     return "\n".join(lines)
 
 
@@ -397,28 +445,35 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=50)
     ap.add_argument("--no-write", action="store_true")
     ap.add_argument("--hotswap", metavar="BASES", default=None,
-                    help="instead of the factor grid: decode timing of float vs int8/int4 hot-swap LoRA inputs on "
-                         "these bases (comma-separated: tiny, smollm2); smollm2 uses the first of --adapters")
+                    help="instead of the factor grid: hot-swap adapter files (float vs --hotswap-settings) on these "
+                         "bases (comma-separated: tiny, smollm2): bytes, swap time, decode ms/token, agreement "
+                         "with the float adapter; smollm2 uses the first of --adapters")
+    ap.add_argument("--hotswap-settings", default=",".join(HOTSWAP_SETTINGS),
+                    help="--hotswap: adapter settings in quantize.adapter syntax, comma-separated "
+                         "(int8, int4, int3, int2, mixed:AVG; default %(default)s)")
     ap.add_argument("--threads", type=int, default=1,
                     help="ORT intra-op threads for --hotswap (1: least sensitive to other processes on shared cores)")
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--tokens", type=int, default=24)
-    ap.add_argument("--work", default=None, help="folder for the hot-swap exports (default: a temporary one)")
+    ap.add_argument("--work", default=None, help="folder for the hot-swap exports and adapter files (default: a "
+                                                 "temporary one; an export already there is reused)")
     args = ap.parse_args(argv)
 
     torch.set_num_threads(2)
     env = env_line()
     if args.hotswap:
-        work = Path(args.work or tempfile.mkdtemp(prefix="bench_hotswap_quant-"))
+        work = Path(args.work or tempfile.mkdtemp(prefix="bench_hotswap_files-"))
+        settings = tuple(s.strip() for s in args.hotswap_settings.split(",") if s.strip())
         results = []
         for base in args.hotswap.split(","):
             results.append(hotswap_table(base, None if base == "tiny" else args.adapters.split(",")[0],
-                                         work / base, args.threads, args.rounds, args.tokens, args.group_size))
+                                         work / base, settings, args.threads, args.rounds, args.tokens,
+                                         args.group_size, args.kl_examples))
             print(results[-1], flush=True)
         text = hotswap_markdown(results, env)
         print(text)
         if not args.no_write:
-            write_section("Factor quantization", text, block="hotswap-quantized-inputs")
+            write_section("Factor quantization", text, block="hotswap-adapter-files")
         return 0
     scorer = load_scorer(args.examples, args.kl_examples, args.batch)
     tables = [factor_table(scorer, name, _floats(args.budgets), _floats(args.mixed), args.group_size)

@@ -37,7 +37,7 @@ sys.path.insert(0, str(REPO / "tools"))
 # libgomp spins briefly and then sleeps: both runtimes run at full speed, which the numbers below assume.
 from benchmarks_md import write_section  # noqa: E402
 
-from edge_lora.stages.quantize_base import QuantizeConfig  # noqa: E402
+from edge_lora.config import QuantizeConfig  # noqa: E402
 
 RECOMMENDED = dict(base="int4", block_size=32, int8_modules=["down_proj", "v_proj"], lm_head="int8",
                    embedding="int4")

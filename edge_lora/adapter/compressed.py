@@ -194,9 +194,11 @@ class CompressedAdapter:
             header = json.loads(meta["edge_lora"])
         except (KeyError, json.JSONDecodeError) as exc:
             raise AdapterError(f"{path} has no edge_lora header; it was not written by the compress stage.") from exc
-        if header.get("format") != FORMAT or header.get("version") != VERSION:
-            raise AdapterError(f"{path}: format {header.get('format')!r} version {header.get('version')!r}; this "
-                               f"edge_lora reads {FORMAT!r} version {VERSION}.")
+        if not isinstance(header, dict) or header.get("format") != FORMAT or header.get("version") != VERSION:
+            found = header if not isinstance(header, dict) else f"{header.get('format')!r} version " \
+                                                                 f"{header.get('version')!r}"
+            raise AdapterError(f"{path}: format {found}; this edge_lora reads {FORMAT!r} version {VERSION}.")
+        _check_header(path, header)
         groups = []
         for i, gh in enumerate(header["groups"]):
             g = CompressedGroup(name=gh["name"], structure=gh["structure"], modules=list(gh["modules"]),
@@ -208,6 +210,7 @@ class CompressedAdapter:
                 prefix = f"module.{name}."
                 g.per_module[name] = {k[len(prefix):]: t for k, t in tensors.items() if k.startswith(prefix)}
             _fill_empty(g)
+            _check_shapes(path, g)
             groups.append(g)
         kinds = {n: m["kind"] for n, m in header["modules"].items()}
         biases = {k[len("bias."):]: t for k, t in tensors.items() if k.startswith("bias.")}
@@ -215,6 +218,83 @@ class CompressedAdapter:
         return cls(groups=groups, kinds=kinds, biases=biases, peft_config=header.get("peft_config") or {},
                    extra_tensors=extra, source=loaded_source(header.get("source"), path.parent),
                    storage_dtype=header["storage_dtype"])
+
+
+STORAGE_DTYPES = ("float16", "bfloat16", "float32")
+KINDS = ("linear", "embedding")
+
+
+def _check_header(path: Path, header: dict) -> None:
+    """Every header field :meth:`CompressedAdapter.load` reads, of the type it needs: a damaged or hand-edited
+    header is an AdapterError naming the file and the key, not a KeyError deep in the loader."""
+    from edge_lora.config import COMPRESS_STRUCTURES
+
+    def bad(key: str, what: str):
+        return AdapterError(f"{path}: header key {key} {what}; the file is damaged or was not written by "
+                            "`python -m edge_lora compress`. Compress the adapter again.")
+
+    def need(obj: dict, key: str, kind, where: str):
+        if key not in obj:
+            raise bad(f"{where}{key}", "is missing")
+        if not isinstance(obj[key], kind) or isinstance(obj[key], bool):
+            names = "/".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+            raise bad(f"{where}{key}", f"is {type(obj[key]).__name__} {obj[key]!r:.80}, not {names}")
+        return obj[key]
+
+    if need(header, "storage_dtype", str, "") not in STORAGE_DTYPES:
+        raise bad("storage_dtype", f"is {header['storage_dtype']!r}, not one of {', '.join(STORAGE_DTYPES)}")
+    for key, kind in (("source", str), ("peft_config", dict)):
+        if header.get(key) is not None:
+            need(header, key, kind, "")
+    modules = need(header, "modules", dict, "")
+    for name, m in modules.items():
+        if not isinstance(m, dict):
+            raise bad(f"modules[{name!r}]", f"is {type(m).__name__}, not an object")
+        if need(m, "kind", str, f"modules[{name!r}].") not in KINDS:
+            raise bad(f"modules[{name!r}].kind", f"is {m['kind']!r}, not one of {', '.join(KINDS)}")
+    for i, gh in enumerate(need(header, "groups", list, "")):
+        where = f"groups[{i}]."
+        if not isinstance(gh, dict):
+            raise bad(f"groups[{i}]", f"is {type(gh).__name__}, not an object")
+        need(gh, "name", str, where)
+        structure = need(gh, "structure", str, where)
+        if structure not in COMPRESS_STRUCTURES:
+            raise bad(f"{where}structure", f"is {structure!r}, not one of {', '.join(COMPRESS_STRUCTURES)}")
+        names = need(gh, "modules", list, where)
+        for name in names:
+            if not isinstance(name, str) or name not in modules:
+                raise bad(f"{where}modules", f"names {name!r}, which is not in the header's modules")
+        shared = need(gh, "shared", list, where)
+        if any(k not in SHARED_KEYS for k in shared):
+            raise bad(f"{where}shared", f"is {shared!r}; shared tensors are {', '.join(SHARED_KEYS)}")
+        ranks = need(gh, "ranks", dict, where)
+        required = ["d_out", "d_in"] + {"shared-out": ["r_u"], "tucker2": ["r_u", "r_v"]}.get(structure, [])
+        for key in required:
+            if need(ranks, key, int, f"{where}ranks.") < 0:
+                raise bad(f"{where}ranks.{key}", f"is {ranks[key]}, not a size ≥ 0")
+
+
+def _check_shapes(path: Path, g: CompressedGroup) -> None:
+    """Each module's ΔW = left @ core @ right chains up to d_out × d_in; a missing or misshapen tensor is an
+    AdapterError here rather than a shape error at export."""
+    d_out, d_in = g.ranks["d_out"], g.ranks["d_in"]
+    for name in g.modules:
+        try:
+            left, core, right = module_chain(g, name)
+        except KeyError as exc:
+            raise AdapterError(f"{path}: module {name!r} ({g.structure}) has no tensor {exc.args[0]!r}; the file is "
+                               "damaged. Compress the adapter again.") from None
+        except RuntimeError as exc:   # tt: the train's tensors do not contract
+            raise AdapterError(f"{path}: module {name!r} ({g.structure}): its tensors do not fit together ({exc}); "
+                               "the file is damaged. Compress the adapter again.") from None
+        inner = (left.shape[-1], right.shape[0]) if core is None else (left.shape[-1], core.shape[0],
+                                                                       core.shape[-1], right.shape[0])
+        ok = (left.dim() == 2 and right.dim() == 2 and left.shape[0] == d_out and right.shape[1] == d_in
+              and inner[0] == inner[1] and (core is None or inner[2] == inner[3]))
+        if not ok:
+            shapes = [tuple(t.shape) for t in (left, core, right) if t is not None]
+            raise AdapterError(f"{path}: module {name!r} ({g.structure}) has factors of shapes {shapes}, which do "
+                               f"not chain to {d_out}×{d_in}; the file is damaged. Compress the adapter again.")
 
 
 def _fill_empty(g: CompressedGroup) -> None:

@@ -9,7 +9,6 @@ provider is missing raises :class:`RuntimeUnavailableError`, so a caller can say
 
 from __future__ import annotations
 
-import importlib
 from typing import Protocol, runtime_checkable
 
 from edge_lora.errors import EdgeLoraError
@@ -40,21 +39,40 @@ class SwapRunner(Runner, Protocol):
         """Load and activate an adapter file on the live session (None: the plain base)."""
 
 
-# runtime name -> "module:Class"; modules are imported only when asked for (llamacpp may not be installed)
-RUNNERS = {
-    "ort_cpu": "edge_lora.runtimes.ort_cpu:OrtCpuRunner",
-    "ort_cuda": "edge_lora.runtimes.ort_cuda:OrtCudaRunner",
-    "mobile": "edge_lora.runtimes.mobile:MobileRunner",
-    "llamacpp": "edge_lora.runtimes.llamacpp:LlamaCppRunner",
-}
+# Runtime name -> a function importing its runner class. The imports are inside the functions so that each
+# runtime's package (llama-cpp-python, onnxruntime-gpu) is needed only when it is asked for.
+def _ort_cpu() -> type:
+    from edge_lora.runtimes.ort_cpu import OrtCpuRunner
+
+    return OrtCpuRunner
+
+
+def _ort_cuda() -> type:
+    from edge_lora.runtimes.ort_cuda import OrtCudaRunner
+
+    return OrtCudaRunner
+
+
+def _mobile() -> type:
+    from edge_lora.runtimes.mobile import MobileRunner
+
+    return MobileRunner
+
+
+def _llamacpp() -> type:
+    from edge_lora.runtimes.llamacpp import LlamaCppRunner
+
+    return LlamaCppRunner
+
+
+RUNNERS = {"ort_cpu": _ort_cpu, "ort_cuda": _ort_cuda, "mobile": _mobile, "llamacpp": _llamacpp}
 
 
 def runner_class(runtime: str) -> type:
     if runtime not in RUNNERS:
         raise EdgeLoraError(f"unknown runtime {runtime!r}; use one of {', '.join(RUNNERS)}.")
-    module, cls = RUNNERS[runtime].split(":")
     try:
-        return getattr(importlib.import_module(module), cls)
+        return RUNNERS[runtime]()
     except ImportError as exc:
         raise RuntimeUnavailableError(f"runtime {runtime!r} cannot be imported ({exc}); install its package "
                                       "(see README) or pick another runtime.") from exc

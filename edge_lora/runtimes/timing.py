@@ -106,9 +106,15 @@ def measure_isolated(v: Variant, decode_tokens: int, plan: dict, precision: str 
                           input=json.dumps(spec), capture_output=True, text=True, check=False)
     lines = proc.stdout.strip().splitlines()
     result = json.loads(lines[-1]) if lines and lines[-1].startswith("{") else None
-    if result is None:
-        raise RuntimeError(f"the memory-measuring process for {v.label} failed (exit {proc.returncode}):\n"
-                           f"{proc.stderr[-3000:]}")
+    if result is None:   # it died before reporting: a crash in the runtime, or killed (out of memory)
+        how = (f"was killed by signal {-proc.returncode} (out of memory?)" if proc.returncode < 0
+               else f"exited with code {proc.returncode} and no result")
+        lines = proc.stderr.strip().splitlines()
+        last = lines[-1].strip() if lines else "nothing on stderr"   # the exception line, not the child's stack
+        raise EdgeLoraError(f"measuring {v.label} ({v.runtime}, {v.path}) in a fresh process failed: the process "
+                            f"{how} ({last}). Check that the variant loads on its own, or profile without the "
+                            "fresh process (--no-isolate, or profiling.isolate = false; peak RSS is then this "
+                            "process's).")
     if "error" in result:
         raise EdgeLoraError(f"measuring {v.label} in a fresh process failed: {result['error']}")
     return result

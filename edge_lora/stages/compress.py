@@ -33,7 +33,7 @@ import torch
 
 from edge_lora.adapter import Adapter
 from edge_lora.adapter.compressed import CompressedAdapter, CompressedGroup, module_chain
-from edge_lora.config import COMPRESS_SCOPES, OUTPUT_STRUCTURES, CompressConfig  # noqa: F401  (importable here)
+from edge_lora.config import COMPRESS_SCOPES, OUTPUT_STRUCTURES, CompressConfig
 from edge_lora.files import write_text_atomic
 from edge_lora.errors import AdapterError, BudgetError, CompatibilityError, ConfigError, EdgeLoraError, ModelError
 from edge_lora.report import StageReport
@@ -315,6 +315,17 @@ def compress(adapter: Adapter, config: CompressConfig = CompressConfig(),
         return _compress(adapter, config, calibration)
     finally:
         torch.set_num_threads(previous)
+
+
+@dataclass(frozen=True)
+class CompressInput:
+    adapter: Adapter
+    calibration: dict | None = None   # module name -> C = XXᵀ of its inputs (collect_calibration), for output budgets
+
+
+def run(inp: CompressInput, config: CompressConfig = CompressConfig()) -> tuple[CompressedAdapter, StageReport]:
+    """The stage entry (every stage module has one: ``run(input, config) -> (output, StageReport)``)."""
+    return compress(inp.adapter, config, inp.calibration)
 
 
 def _whiten(modules, calibration):

@@ -1,6 +1,6 @@
 """Package stage: a trained adapter (PEFT folder, or an export folder with an ``.onnx_adapter``) -> one signed
-OTA file; and the CLI verbs keygen, package, verify, install, list, rollback. Device-side code lives in
-``edge_lora.ota`` and never imports torch unless a torch-logits probe is run. Format: docs/ota.md.
+OTA file; and what the CLI verbs keygen, verify, install, rollback call (edge_lora/cli/ota.py). Device-side
+code lives in ``edge_lora.ota`` and never imports torch unless a torch-logits probe is run. Format: docs/ota.md.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from edge_lora import __version__
-from edge_lora.errors import CompatibilityError, PackageError
+from edge_lora.errors import CompatibilityError, ModelError, PackageError
 from edge_lora.files import SafetensorsHeaderError, parse_safetensors_header, read_safetensors_header
 from edge_lora.formats.export_meta import FILE as EXPORT_META, MODEL_FILE, ExportMeta
 from edge_lora.ota import codec
@@ -105,8 +105,9 @@ def _summaries(folder: Path) -> dict:
             continue
         try:
             data = json.loads(p.read_text())
-        except (ValueError, UnicodeDecodeError):
-            continue
+        except (ValueError, UnicodeDecodeError) as exc:   # not skipped: metrics.json binds the trained-on base
+            raise PackageError(f"{p} is not valid JSON ({exc}); repair or remove it (it is read for the package "
+                               "summary and, for metrics.json, the base the adapter was trained on).") from exc
         if isinstance(data, dict):
             # paths of the build machine mean nothing on a device and would be signed into the manifest
             out[name] = {k: v for k, v in list(data.items())[:64]
@@ -325,11 +326,11 @@ def build_package(src, key, version: int, base, out, from_package=None, adapter_
                         "stored_sha256": codec.sha256(stored), "decoded_size": decoded})
         blobs.append((name, stored))
 
-    base_cfg = {}
-    try:
+    try:   # the manifest names the architecture from it: an unreadable one must not become "unknown"
         base_cfg = json.loads((base_path / "config.json").read_text())
-    except (OSError, ValueError):
-        pass
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{base_path / 'config.json'} cannot be read as JSON ({exc}); pass an HF model folder "
+                         "saved with save_pretrained as --base.") from exc
     roles = {f["role"] for f in files}
     export_summary = summaries.get("export.json", {})
     requirements = {"min_reader_format": FORMAT_VERSION,
@@ -374,175 +375,60 @@ def build_package(src, key, version: int, base, out, from_package=None, adapter_
             "seconds": round(time.perf_counter() - t0, 3)}
 
 
-# ------------------------------------------------------------------------------------------------- CLI
-def _limits(args) -> Limits:
-    mb = getattr(args, "max_mb", None)
-    if mb is None:
+# ------------------------------------------------------------------------------------------------- verbs
+# What `python -m edge_lora keygen | verify | install | rollback` call: the key files by path, sizes in MiB.
+def size_limits(max_mb: float | None = None) -> Limits:
+    """Limits with one size limit per entry, per payload and per package of ``max_mb`` MiB (None: defaults)."""
+    if max_mb is None:
         return Limits()
-    b = int(mb * (1 << 20))
+    if not max_mb > 0:
+        raise PackageError(f"--max-mb {max_mb}: give a positive size in MiB (the default is 1024).")
+    b = int(max_mb * (1 << 20))
     return Limits(max_package_bytes=b, max_entry_bytes=b, max_total_bytes=b)
 
 
-def _print(obj: dict, as_json: bool) -> None:
-    obj = {k: v for k, v in obj.items() if not k.startswith("_")}
-    if as_json:
-        print(json.dumps(obj, indent=2, default=str))
-        return
-    for k, v in obj.items():
-        if k == "probes" and isinstance(v, list) and v and isinstance(v[0], dict):
-            for p in v:
-                print(f"probe {p['kind']}: {p['status']} ({p['detail']})")
-        else:
-            print(f"{k}: {v}")
-
-
-def _run_keygen(args) -> int:
+def new_key_pair(out: str | os.PathLike, force: bool = False) -> tuple[Path, Path, str]:
+    """Write an Ed25519 key pair into the folder ``out``: (private key path, public key path, key id)."""
     from edge_lora.ota.keys import key_id, keygen, load_public_key
 
-    priv, pub = keygen(args.out, force=args.force)
-    print(f"private key: {priv} (mode 0600; keep it off devices and out of git)")
-    print(f"public key:  {pub} (install it on devices; pass it with --pubkey)")
-    print(f"key id:      {key_id(load_public_key(pub))}")
-    return 0
+    priv, pub = keygen(out, force=force)
+    return Path(priv), Path(pub), key_id(load_public_key(pub))
 
 
-def _run_package(args) -> int:
-    probes = ("factors",) if args.probe == "factors" else ("factors", "torch-logits", "ort")
-    rep = build_package(args.adapter, args.key, args.version, args.base, args.out, from_package=args.from_package,
-                        adapter_id=args.id, level=args.level, probes=probes, limits=_limits(args),
-                        export=args.export)
-    _print(rep, args.json)
-    return 0
-
-
-def _run_verify(args) -> int:
-    from edge_lora.ota.install import verify_package
+def verify_file(package, pubkey: str | os.PathLike, root=None, base=None, max_mb: float | None = None,
+                export=None) -> dict:
+    """Every check ``install`` makes, writing nothing, with the probes run: ``base`` an HF folder or 'smollm2'
+    (also runs the torch-logits probe) or a 64-hex content hash; ``export`` the hot-swap export for ort probes
+    (default: the one recorded under ``root``)."""
+    from edge_lora.ota.install import device_export, verify_package
     from edge_lora.ota.keys import load_public_key
 
     probe_base = None
-    if args.base is not None and not re.fullmatch(r"[0-9a-f]{64}", str(args.base)):
+    if base is not None and not re.fullmatch(r"[0-9a-f]{64}", str(base)):
         from edge_lora.base import resolve_base
 
-        probe_base = resolve_base(args.base)
-    from edge_lora.ota.install import device_export
-
-    rep = verify_package(args.package, load_public_key(args.pubkey), args.root, args.base, _limits(args),
-                         run_probe=True, probe_base=probe_base, probe_export=device_export(args.root, args.export))
+        probe_base = resolve_base(base)
+    rep = verify_package(package, load_public_key(pubkey), root, base, size_limits(max_mb), run_probe=True,
+                         probe_base=probe_base, probe_export=device_export(root, export))
     rep.setdefault("probes", "not run (delta without --root)")
-    _print(rep, args.json)
-    print("OK: the package verifies" + (" against the install root" if args.root else "") + ".")
-    return 0
+    return rep
 
 
-def _run_install(args) -> int:
+def install_file(package, pubkey: str | os.PathLike, root, base=None, max_mb: float | None = None,
+                 export=None) -> dict:
+    """Verify and install ``package`` atomically under ``root`` (see edge_lora.ota.install.install)."""
     from edge_lora.ota.install import install
     from edge_lora.ota.keys import load_public_key
 
-    rep = install(args.package, load_public_key(args.pubkey), args.root, args.base, _limits(args),
-                  export=args.export)
-    _print(rep, args.json)
-    print(f"installed {rep['adapter_id']} version {rep['version']} (previous: {rep['previous']}).")
-    return 0
+    return install(package, load_public_key(pubkey), root, base, size_limits(max_mb), export=export)
 
 
-def _run_list(args) -> int:
-    from edge_lora.ota.install import list_installed
-
-    rows = list_installed(args.root)
-    if args.json:
-        print(json.dumps(rows, indent=2))
-    elif not rows:
-        print(f"nothing installed under {args.root}")
-    for r in rows if not args.json else []:
-        if "error" in r:
-            print(f"{r['adapter_id']}: {r['error']}")
-        else:
-            print(f"{r['adapter_id']}: current {r['version']}, previous {r['previous']}, highest {r['highest']}, "
-                  f"kept {r['kept']}, {r['status']}")
-    return 0 if all(r.get("status") == "ok" for r in rows) else 1
-
-
-def _run_rollback(args) -> int:
+def rollback_version(root, adapter_id: str, to: int | None = None, pubkey: str | os.PathLike | None = None,
+                     base=None, export=None) -> dict:
+    """Switch ``adapter_id`` under ``root`` back to its kept previous version (or ``to``); with ``pubkey`` the kept
+    version's signature is checked again."""
     from edge_lora.ota.install import rollback
     from edge_lora.ota.keys import load_public_key
 
-    pub = load_public_key(args.pubkey) if args.pubkey else None
-    rep = rollback(args.root, args.id, to=args.to, public_key=pub, base=args.base, export=args.export)
-    _print(rep, args.json)
-    return 0
-
-
-def add_cli(sub) -> None:
-    """Register keygen, package, verify, install, list, rollback on the CLI's subparsers."""
-    p = sub.add_parser("keygen", help="create an Ed25519 key pair for signing OTA packages",
-                       description="Write ota_ed25519.key (private, mode 0600) and ota_ed25519.pub into a folder. "
-                                   "Sign packages with the private key; give devices the public key.")
-    p.add_argument("--out", required=True, help="folder for the key pair (created if missing)")
-    p.add_argument("--force", action="store_true", help="replace an existing key pair in that folder")
-    p.set_defaults(func=_run_keygen)
-
-    p = sub.add_parser("package", help="build a signed OTA package (full, or a delta with --from)",
-                       description="Pack a PEFT adapter folder (or an export folder with a .onnx_adapter) into one "
-                                   "signed file: manifest (version, base model hash, sizes and sha256 of every "
-                                   "file, probe), zstd payload, Ed25519 signature. With --from, carry only what "
-                                   "changed since that full package. Format: docs/ota.md.")
-    p.add_argument("adapter", help="PEFT adapter folder or export folder")
-    p.add_argument("--key", required=True, help="private key file (or the keygen folder)")
-    p.add_argument("--version", required=True, type=int, help="integer version, higher than every earlier one")
-    p.add_argument("--base", required=True, help="base model the adapter is bound to: HF folder or 'smollm2'")
-    p.add_argument("--out", required=True, help="package file to write")
-    p.add_argument("--from", dest="from_package", help="previous FULL package: build a delta against it")
-    p.add_argument("--id", help="adapter id on devices (default: the adapter folder's name)")
-    p.add_argument("--level", type=int, default=codec.ZSTD_LEVEL, help="zstd level (default %(default)s)")
-    p.add_argument("--probe", choices=["all", "factors"], default="all",
-                   help="probes to embed: 'all' adds a torch-logits probe (loads the base) and, for an "
-                        ".onnx_adapter, an ort probe (runs the hot-swap export) to 'factors'")
-    p.add_argument("--export", help="hot-swap ONNX export folder (from `export --profile cpu-hotswap`) the adapter "
-                                    "runs on: an adapter.onnx_adapter is written from the PEFT folder and travels "
-                                    "with an ort probe. Implied when ADAPTER is itself a hot-swap export folder")
-    p.add_argument("--max-mb", type=float, help="size limit per entry and per package in MiB (default 1024)")
-    p.add_argument("--json", action="store_true", help="print the summary as JSON")
-    p.set_defaults(func=_run_package)
-
-    for name, helptext, desc in (
-        ("verify", "check a package's signature, hashes and (with --root) its fit to a device; writes nothing",
-         ("Verify the signature with the trusted public key, the manifest schema, every size and sha256, the "
-         "size limits, and run the probes. With --root also check the base model hash, the version (no "
-         "rollback, no replay) and rebuild a delta against the installed version.")),
-        ("install", "verify and install a package atomically into an install root",
-         ("All verify checks, then stage the files, fsync, run the probes, rename into ROOT/<id>/versions/<N> and "
-         "switch ROOT/<id>/current atomically. The previous version is kept for `rollback`. A failure leaves "
-         "the root as it was.")),
-    ):
-        p = sub.add_parser(name, help=helptext, description=desc)
-        p.add_argument("package", help="package file")
-        p.add_argument("--pubkey", required=True, help="trusted public key (ota_ed25519.pub)")
-        p.add_argument("--root", required=(name == "install"), help="install root folder")
-        p.add_argument("--base", help="the device's base model (HF folder or 'smollm2'; or its 64-hex content "
-                                      "hash). Default: the hash recorded in ROOT/base.json by an earlier install")
-        p.add_argument("--export", help="the device's hot-swap ONNX export folder, to run ort probes. install "
-                                        "records it in ROOT/base.json; later runs with --root use the recorded one")
-        p.add_argument("--max-mb", type=float, help="size limit per entry and per package in MiB (default 1024)")
-        p.add_argument("--json", action="store_true", help="print the report as JSON")
-        p.set_defaults(func=_run_verify if name == "verify" else _run_install)
-
-    p = sub.add_parser("list", help="show installed adapters, their current/previous versions and health",
-                       description="For each adapter under ROOT: current, previous and highest version, kept "
-                                   "versions, and whether every file of the current one still matches its hash. "
-                                   "Exit 1 if one is damaged.")
-    p.add_argument("--root", required=True, help="install root folder")
-    p.add_argument("--json", action="store_true", help="print JSON")
-    p.set_defaults(func=_run_list)
-
-    p = sub.add_parser("rollback", help="switch an adapter back to its kept previous version (explicit only)",
-                       description="Point ROOT/<id>/current at the previous kept version (or --to N) after "
-                                   "checking its files and running its probes. The highest version seen stays: "
-                                   "the version rolled back from cannot be reinstalled; publish a higher one.")
-    p.add_argument("--root", required=True, help="install root folder")
-    p.add_argument("--id", required=True, help="adapter id")
-    p.add_argument("--to", type=int, help="version to switch to (default: the previous one)")
-    p.add_argument("--pubkey", help="also re-verify the kept version's signature with this public key")
-    p.add_argument("--base", help="base model, to also run the torch-logits probe")
-    p.add_argument("--export", help="hot-swap export folder for ort probes (default: recorded in ROOT/base.json)")
-    p.add_argument("--json", action="store_true", help="print JSON")
-    p.set_defaults(func=_run_rollback)
+    public_key = load_public_key(pubkey) if pubkey else None
+    return rollback(root, adapter_id, to=to, public_key=public_key, base=base, export=export)

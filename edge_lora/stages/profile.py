@@ -22,10 +22,9 @@ from __future__ import annotations
 
 import os
 import platform
-import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from edge_lora.errors import AdapterError, BudgetError, EdgeLoraError, ProfileError
@@ -345,64 +344,22 @@ def run(inp: ProfilingInput, config: ProfileConfig) -> tuple[dict, StageReport]:
                                seconds=time.perf_counter() - start, input_hash=None, skipped=result["skipped"])
 
 
-# ------------------------------------------------------------------------------------------ CLI
-def _ints(text: str) -> list[int]:
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise ProfileError(f"{text!r} is not a comma-separated list of integers, e.g. 16,128,512.") from None
-
-
-def add_cli(sub) -> None:
-    p = sub.add_parser(
-        "profile",
-        help="latency and memory of an export folder (prefill, decode ms/token, load, swap, peak RSS)",
-        description="Profile an export folder written by `python -m edge_lora export`: load time, prefill at "
-                    "several prompt lengths (= time to first token), decode ms/token p50/p90/p99 and tokens/s, "
-                    "adapter swap time (hot-swap), encoder latency per batch (feature-extraction), peak RSS of a "
-                    "fresh process per variant. Variants (hot-swap: no adapter and each adapter; --vs folders; "
-                    "--runtime lists) run in turn A B A B after warm-up; ratios against the first are per-round "
-                    "medians with their IQR. --out gets profile.json (raw samples), profile.md and plots. Exit 3 "
-                    "if a budget (--set profiling.max_...) is missed; the report is still written.",
-    )
-    p.add_argument("dir", help="export folder (merged or hot-swap, any precision)")
-    p.add_argument("--vs", action="append", default=[], metavar="OTHER_DIR",
-                   help="another export folder to compare against, interleaved (repeatable)")
-    p.add_argument("--adapters", metavar="X,Y", help="hot-swap DIR: adapter files to compare with no adapter on "
-                   "one session (default: DIR's own adapter file)")
-    p.add_argument("--runtime", default=None, metavar="R[,R2]",
-                   help="ort_cpu (default), ort_cuda, mobile (ORT format, 1-2 threads: an emulation of a phone "
-                        "CPU, not a phone), llamacpp; a comma list compares runtimes")
-    p.add_argument("--threads", type=int, help="intra-op threads (default 2; 0 = all cores)")
-    p.add_argument("--prompt-lengths", type=_ints, help="default 16,128,512 (capped by the model's positions)")
-    p.add_argument("--decode-tokens", type=int, help="decode steps per round (default 32)")
-    p.add_argument("--runs", type=int, help="recorded rounds (default 5)")
-    p.add_argument("--warmup", type=int, help="unrecorded rounds first (default 1)")
-    p.add_argument("--batch-sizes", type=_ints, help="encoder exports: batch sizes (default 1,8)")
-    p.add_argument("--no-isolate", action="store_true",
-                   help="skip the fresh process per variant (peak RSS is then this process's, all variants)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar=f"{STAGE}.KEY=VALUE",
-                   help=f"any [{STAGE}] key, e.g. --set {STAGE}.max_decode_ms_per_token=40 (repeatable)")
-    p.add_argument("--out", help="write profile.json, profile.md and plots here")
-    p.add_argument("--force", action="store_true", help="replace an existing --out folder")
-    p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
-    p.set_defaults(func=_cli_profile)
-
-
-def cli_config(args) -> tuple[ProfileConfig, list[str]]:
+# ------------------------------------------------------------------------------------------ export folders
+def profile_config(overrides: list[str] | None = None, runtime: str | None = None,
+                   settings: dict | None = None) -> tuple[ProfileConfig, list[str]]:
+    """The config of ``python -m edge_lora profile``: ``--set profiling.KEY=VALUE`` items, then ``settings``
+    (the flags given, by [profiling] key), and ``runtime`` ("ort_cpu" or a comma list to compare). Returns the
+    config of the first runtime and every runtime name (each checked)."""
     from edge_lora.config import build_config, parse_overrides
 
-    table = parse_overrides(args.overrides).pop(STAGE, {})
-    bad = [o for o in args.overrides if not o.startswith(f"{STAGE}.")]
+    overrides = list(overrides or [])
+    bad = [o for o in overrides if not o.startswith(f"{STAGE}.")]
     if bad:
         raise ProfileError(f"--set {bad[0]!r}: profile only takes {STAGE}.KEY=VALUE keys.")
-    flags = {"threads": args.threads, "prompt_lengths": args.prompt_lengths, "decode_tokens": args.decode_tokens,
-             "runs": args.runs, "warmup": args.warmup, "encoder_batch_sizes": args.batch_sizes}
-    table.update({k: v for k, v in flags.items() if v is not None})
-    if args.no_isolate:
-        table["isolate"] = False
-    runtimes = (args.runtime or table.get("runtime", "ort_cpu")).split(",")
-    table["runtime"] = runtimes[0]
+    table = parse_overrides(overrides).pop(STAGE, {})
+    table.update(settings or {})
+    runtimes = [r.strip() for r in (runtime or table.get("runtime", "ort_cpu")).split(",") if r.strip()]
+    table["runtime"] = runtimes[0] if runtimes else ""
     config = build_config(STAGE, table, "command line")
     for r in runtimes[1:]:   # check every runtime name, not just the first
         build_config(STAGE, {**table, "runtime": r}, "command line")
@@ -419,27 +376,32 @@ def _short_names(folders: list[str]) -> list[str]:
     return [str(p) for p in paths]
 
 
-def _cli_profile(args) -> int:
-    from edge_lora.stages.profile_report import print_summary, write_report
+def profile_folders(folders: list[str], runtime: str | None = None, overrides: list[str] | None = None,
+                    settings: dict | None = None, adapters: list[str] | None = None, out=None, force: bool = False,
+                    progress: Callable[[str], None] = lambda text: None) -> dict:
+    """``python -m edge_lora profile``: every export folder in ``folders`` (the first one with ``adapters``, for a
+    hot-swap export) on every runtime, interleaved; the report goes to ``out`` (profile.json, profile.md, plots;
+    an existing folder is replaced only with ``force``). Returns the result; a budget miss is in its
+    ``budget_failures`` (:func:`check_budgets` raises on it), the report is written either way."""
+    from edge_lora.stages.profile_report import write_report
 
-    config, runtimes = cli_config(args)
-    if args.out and Path(args.out).exists() and not args.force:
-        raise EdgeLoraError(f"output folder {args.out} already exists; choose another --out or pass --force.")
-    adapters = [a.strip() for a in args.adapters.split(",") if a.strip()] if args.adapters else None
-    folders = [args.dir, *args.vs]
+    config, runtimes = profile_config(overrides, runtime, settings)
+    if out and Path(out).exists() and not force:
+        raise EdgeLoraError(f"output folder {out} already exists; choose another --out or pass --force.")
     names = _short_names(folders)
     variants = []
-    for runtime in runtimes:
-        tag = f" [{runtime}]" if len(runtimes) > 1 else ""
+    for rt in runtimes:
+        tag = f" [{rt}]" if len(runtimes) > 1 else ""
         for i, folder in enumerate(folders):
-            own = adapters if i == 0 else None
-            variants += folder_variants(folder, runtime, config.threads, own, names[i], tag)
-    progress = (lambda text: None) if args.quiet else (lambda text: print(f"profile: {text}", file=sys.stderr))
+            variants += folder_variants(folder, rt, config.threads, adapters if i == 0 else None, names[i], tag)
     result = run_profile(variants, config, progress)
-    if args.out:
-        write_report(args.out, result, replace=True)
-    print_summary(result, args.out)
+    if out:
+        write_report(out, result, replace=True)
+    return result
+
+
+def check_budgets(result: dict, out=None) -> None:
+    """BudgetError (exit 3) listing every budget :func:`profile_folders` found missed."""
     if result["budget_failures"]:
-        where = f"; the report is in {args.out}" if args.out else ""
+        where = f"; the report is in {out}" if out else ""
         raise BudgetError("profile budget missed: " + "; ".join(result["budget_failures"]) + where + ".")
-    return 0

@@ -200,6 +200,9 @@ def validate(export_dir: str | Path, reference, tokenizer, config: ValidateConfi
     ids = eval_ids(tokenizer, n, model_config.vocab_size)
     candidate = Candidate(folder, meta)
     skipped: list[str] = []
+    if tokenizer is None:
+        skipped.append(f"evaluation text: validation used {n} fixed random token ids (seeded), not text, because "
+                       "the base has no tokenizer files")
     if n < config.eval_tokens:
         skipped.append(f"evaluation text shortened to {n} tokens: the model's maximum positions")
 
