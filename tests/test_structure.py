@@ -163,3 +163,22 @@ def test_every_shipped_profile_parses_in_a_fresh_process(name):
 def test_shipped_profiles_are_there():
     assert {"cpu-fp32", "cpu-hotswap", "cpu-int8", "cpu-int4", "cpu-int4-hotswap", "mobile-int4"} <= set(
         available_profiles())
+
+
+STAGE_MODULES = ("canonicalize", "compress", "quantize_factors", "merge", "export_onnx", "quantize_base",
+                 "validate", "profile", "package")
+
+
+@pytest.mark.parametrize("name", STAGE_MODULES)
+def test_every_stage_has_the_one_shape(name):
+    """run(input, config) -> (output, StageReport): two parameters, the second a frozen dataclass config."""
+    import dataclasses
+    import importlib
+    import inspect
+    import typing
+
+    module = importlib.import_module(f"edge_lora.stages.{name}")
+    params = list(inspect.signature(module.run).parameters)
+    assert len(params) == 2, (name, params)
+    config = typing.get_type_hints(module.run)[params[1]]
+    assert dataclasses.is_dataclass(config) and config.__dataclass_params__.frozen, (name, config)

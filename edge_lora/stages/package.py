@@ -12,10 +12,12 @@ import re
 import stat
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from edge_lora import __version__
 from edge_lora.errors import CompatibilityError, ModelError, PackageError
+from edge_lora.report import StageReport
 from edge_lora.files import SafetensorsHeaderError, parse_safetensors_header, read_safetensors_header
 from edge_lora.formats.export_meta import FILE as EXPORT_META, MODEL_FILE, ExportMeta
 from edge_lora.ota import codec
@@ -432,3 +434,34 @@ def rollback_version(root, adapter_id: str, to: int | None = None, pubkey: str |
 
     public_key = load_public_key(pubkey) if pubkey else None
     return rollback(root, adapter_id, to=to, public_key=public_key, base=base, export=export)
+
+
+# ---------------------------------------------------------------------------------------------- the stage
+@dataclass(frozen=True)
+class PackageInput:
+    src: Path                        # a PEFT folder, or a hot-swap export folder (its adapter file travels)
+    key: object                      # the signing key: a private key path or object
+    base: str                        # the base the adapter is bound to: an HF folder or 'smollm2'
+    out: Path                        # the package file to write
+    version: int = 1
+    adapter_id: str | None = None    # default: the source folder's name
+    from_package: Path | None = None   # the previous full package: write a delta against it
+    export: Path | None = None       # the hot-swap export a PEFT folder is packaged for
+
+
+@dataclass(frozen=True)
+class PackageConfig:
+    level: int = codec.ZSTD_LEVEL
+    probes: tuple[str, ...] = ("factors", "torch-logits", "ort")
+    limits: Limits = DEFAULT_LIMITS
+
+
+def run(inp: PackageInput, config: PackageConfig = PackageConfig()) -> tuple[Path, StageReport]:
+    """The stage entry (every stage module has one: ``run(input, config) -> (output, StageReport)``)."""
+    start = time.perf_counter()
+    summary = build_package(inp.src, inp.key, inp.version, inp.base, inp.out, from_package=inp.from_package,
+                            adapter_id=inp.adapter_id, level=config.level, probes=config.probes,
+                            limits=config.limits, export=inp.export)
+    metrics = {k: v for k, v in summary.items() if isinstance(v, (str, int, float, bool, list))}
+    return Path(inp.out), StageReport(stage="package", metrics=metrics, seconds=time.perf_counter() - start,
+                                      config={"level": config.level, "probes": list(config.probes)})
