@@ -462,8 +462,15 @@ def main(argv=None) -> int:
     torch.set_num_threads(2)
     env = env_line()
     if args.hotswap:
-        work = Path(args.work or tempfile.mkdtemp(prefix="bench_hotswap_files-"))
+        from edge_lora.stages.quantize_factors import QuantizeError, adapter_quant_config
+
         settings = tuple(s.strip() for s in args.hotswap_settings.split(",") if s.strip())
+        for s in settings:   # a typo fails here, before the export
+            try:
+                adapter_quant_config(s, args.group_size)
+            except QuantizeError as exc:
+                ap.error(f"--hotswap-settings: {exc}")
+        work = Path(args.work or tempfile.mkdtemp(prefix="bench_hotswap_files-"))
         results = []
         for base in args.hotswap.split(","):
             results.append(hotswap_table(base, None if base == "tiny" else args.adapters.split(",")[0],
