@@ -64,12 +64,14 @@ def groups(d: int, g: int) -> list[slice]:
 
 
 def dequantize_row(codes, scales, zeros, bits: int, g: int) -> np.ndarray:
-    out = np.empty(len(codes), dtype=np.float32)
-    half = (1 << (bits - 1)) - 1
-    for k, sl in enumerate(groups(len(codes), g)):
-        offset = float(zeros[k]) if zeros is not None else (half if bits > 1 else 0.5)
-        out[sl] = (codes[sl].astype(np.float32) - offset) * np.float32(scales[k])
-    return out
+    # one vector op per row, not per group: the device expands every row of an adapter when it loads one
+    d = len(codes)
+    scale = np.repeat(np.asarray(scales, dtype=np.float32)[: -(-d // g)], g)[:d]
+    if zeros is not None:
+        offset = np.repeat(np.asarray(zeros, dtype=np.float32)[: -(-d // g)], g)[:d]
+    else:
+        offset = np.float32((1 << (bits - 1)) - 1 if bits > 1 else 0.5)
+    return ((codes.astype(np.float32) - offset) * scale).astype(np.float32)
 
 
 # ---------------------------------------------------------------------------------------------- records
