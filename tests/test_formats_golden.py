@@ -395,3 +395,12 @@ def test_the_one_safetensors_header_reader(tmp_path):
     (tmp_path / "bad").write_bytes((1 << 40).to_bytes(8, "little") + b"{}")
     with pytest.raises(SafetensorsHeaderError, match="header"):
         read_safetensors_header(tmp_path / "bad")
+
+
+def test_every_field_has_a_parser():
+    """A field added to ExportMeta without a parser would be written but refused on read."""
+    from dataclasses import fields
+
+    from edge_lora.formats.export_meta import _PARSERS, ExportMeta
+
+    assert set(_PARSERS) == {f.name for f in fields(ExportMeta)} - {"folder"}
