@@ -38,20 +38,20 @@ class HotswapSession:
         self._adapters: dict[str, object] = {}       # name -> LoraAdapter (kept alive on purpose)
         self._run_options: dict[str, object] = {}    # name -> RunOptions with that adapter active
         self._probe_base: np.ndarray | None = None
-
-    def _meta(self) -> ExportMeta | None:
-        """The export's edge_lora.json (a damaged one raises ExportMetaError); None for a bare model folder."""
-        return ExportMeta.read(self.folder) if (self.folder / META_FILE).is_file() else None
+        # The export's edge_lora.json, read once (a damaged one raises ExportMetaError); None for a bare model
+        # folder. Every swap needs the layout, and a real export's file is ~100 KB of JSON.
+        self.meta: ExportMeta | None = (ExportMeta.read(self.folder) if (self.folder / META_FILE).is_file()
+                                        else None)
 
     def _groups(self) -> list[LoraGroup]:
         """The export's plain LoRA branches (edge_lora.json ``lora_groups``): what a quantized file is laid out
         for; empty when it records none."""
-        meta = self._meta()
+        meta = self.meta
         return list(meta.lora_groups) if meta is not None else []
 
     def _unreachable(self) -> list[str]:
         """Modules the export adapted whose output reaches no graph output (edge_lora.json ``lora_unreachable``)."""
-        meta = self._meta()
+        meta = self.meta
         return list(meta.lora_unreachable) if meta is not None else []
 
     def _fused_modules(self) -> set[str]:
