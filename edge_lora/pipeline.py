@@ -114,7 +114,9 @@ def _quantize_adapter(ctx: RunContext) -> StageReport | None:
                            skipped=[f"quantize.adapter = {config.adapter!r} not applied: {ctx.adapter_path.name} is "
                                     f"already quantized by compress --bits ({ctx.adapter.config.label}, groups of "
                                     f"{ctx.adapter.config.group_size}); its codes ship as they are."])
-    original = load_peft_reference(ctx)
+    # sizes and errors are measured against the original PEFT adapter: the input itself, or (a compress folder)
+    # the adapter its header names
+    original = ctx.adapter if ctx.reference_adapter == ctx.adapter_path else load_peft_reference(ctx)
     ctx.adapter, report = quantize_adapter(original, expanded(ctx.adapter), cfg)
     report.stage = "quantize_adapter"
     report.metrics.pop("summary", None)
