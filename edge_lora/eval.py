@@ -56,6 +56,15 @@ class DateExample:
     form: str
     surface: str
 
+    @property
+    def prompt(self) -> str:
+        return self.surface + ARROW
+
+    @property
+    def target(self) -> str:
+        # The leading space is how the tokenizer sees text after ``=>``.
+        return " " + self.date.isoformat()
+
 
 def split_of(date: dt.date) -> str:
     """Which split a calendar date belongs to, by a hash of the date: a held-out date never appears in
@@ -85,14 +94,15 @@ def make_examples(n: int, seed: int = 0, split: str = "train") -> list[DateExamp
     return out
 
 
-def prompt_text(example: DateExample) -> str:
-    return example.surface + ARROW
+def prompt_text(example) -> str:
+    """The prompt of any task's example (this module's dates, ``edge_lora.tasks``' suite)."""
+    return example.prompt
 
 
-def target_text(example: DateExample) -> str:
-    """The completion after the prompt. The leading space is how the tokenizer sees text after ``=>``;
-    training appends :data:`STOP` so the model learns to end the line."""
-    return " " + example.date.isoformat()
+def target_text(example) -> str:
+    """The completion after the prompt, with its leading space; training appends :data:`STOP` so the model
+    learns to end the line."""
+    return example.target
 
 
 STOP = "\n"

@@ -1,7 +1,11 @@
-"""Train the demo LoRA adapters on SmolLM2-135M-Instruct for the date-to-ISO task (edge_lora.eval).
+"""Train the demo LoRA adapters on SmolLM2-135M-Instruct: the date-to-ISO task (edge_lora.eval) and the suite
+of tasks that can fail (edge_lora.tasks: add, count, reverse, numwords, compare).
 
     python tools/train_demo_adapter.py                       # date-iso-r16: rank 16 on all 7 projections
     python tools/train_demo_adapter.py --variant patterns    # date-iso-patterns: rank_pattern, alpha_pattern, rsLoRA
+    python tools/train_demo_adapter.py --task add            # add-r16 (the suite: 200 steps, 500 held-out)
+    python tools/train_demo_adapter.py --task count --rank 64             # count-r64
+    python tools/train_demo_adapter.py --task numwords --targets attention  # numwords-r16-attn (q, k, v, o only)
 
 The adapter lands in ``<cache>/adapters/<name>/`` (PEFT safetensors + metrics.json); the last line of stdout
 is that path. An existing finished adapter is reused unless ``--force``. Training is deterministic for a seed
@@ -27,10 +31,15 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch
 
 from edge_lora import eval as task
+from edge_lora import tasks as suite
 from edge_lora.files import atomic_folder  # noqa: E402
 from edge_lora.base import base_content_hash, cache_dir, load_base, materialize_smollm2
 
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+TARGETS = {"all": PROJECTIONS, "attention": PROJECTIONS[:4]}
+# ~11 minutes on 2 cores at batch 16 (add: 14): the suite's adapters land between 60% and 95%
+SUITE_STEPS = {"add": 260}
+DEFAULT_SUITE_STEPS = 200
 
 # Defaults per variant. `patterns` trains fewer steps: it exists to give the importer a real file with
 # per-module ranks and scales, but it must still learn the task so its metric means something.
@@ -40,12 +49,12 @@ VARIANTS = {
 }
 
 
-def lora_config(variant: str):
+def lora_config(variant: str, rank: int = 16, targets: str = "all"):
     from peft import LoraConfig
 
-    common = {"target_modules": PROJECTIONS, "lora_dropout": 0.0, "bias": "none", "task_type": "CAUSAL_LM"}
+    common = {"target_modules": TARGETS[targets], "lora_dropout": 0.0, "bias": "none", "task_type": "CAUSAL_LM"}
     if variant == "standard":
-        return LoraConfig(r=16, lora_alpha=32, **common)
+        return LoraConfig(r=rank, lora_alpha=2 * rank, **common)
     # Keys do not overlap, so PEFT's first-match rule and a most-specific-match rule agree.
     # Scales with rsLoRA are alpha/sqrt(r): attention 8/4 = 2, mlp 8/sqrt(8), down_proj 4/sqrt(8),
     # layer-0 q_proj 16/sqrt(32).
@@ -97,9 +106,9 @@ def target_loss(model, ids, labels, mask):
     return torch.nn.functional.cross_entropy(logits, shifted[keep])
 
 
-def evaluate(model, tokenizer, examples, batch_size=50):
+def evaluate(model, tokenizer, examples, max_new_tokens=16, batch_size=50):
     def generate(prompts):
-        return task.torch_greedy_generate(model, tokenizer, prompts, max_new_tokens=16)
+        return task.torch_greedy_generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens)
 
     return task.score(generate, examples, batch_size=batch_size)
 
@@ -110,20 +119,37 @@ def log(msg):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--variant", choices=sorted(VARIANTS), default="standard")
+    ap.add_argument("--task", choices=list(suite.TASKS), default="date-iso")
+    ap.add_argument("--variant", choices=sorted(VARIANTS), default="standard",
+                    help="date-iso only: 'patterns' trains rank/alpha patterns with rsLoRA")
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--targets", choices=sorted(TARGETS), default="all",
+                    help="all 7 projections, or the attention projections q, k, v, o only")
     ap.add_argument("--name", help="adapter folder name (default per variant)")
     ap.add_argument("--steps", type=int, help="optimizer steps (default per variant)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--lr", type=float, help="peak learning rate (default per variant)")
     ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--held-out", type=int, default=300, help="held-out examples to score (0: skip scoring)")
+    ap.add_argument("--held-out", type=int, help="held-out examples to score (0: skip scoring; default 300 for "
+                    "date-iso, 500 for the suite, so one example is 0.2%% of the score)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--force", action="store_true", help="retrain even if the adapter exists")
     args = ap.parse_args(argv)
+    if args.task != "date-iso" and args.variant != "standard":
+        ap.error("--variant patterns is a date-iso adapter; the suite tasks train the standard variant")
     defaults = VARIANTS[args.variant]
-    name = args.name or defaults["name"]
-    steps = args.steps if args.steps is not None else defaults["steps"]
+    if args.task == "date-iso":
+        name = defaults["name"] if (args.rank, args.targets) == (16, "all") else f"date-iso-r{args.rank}"
+        steps, held_out_n = defaults["steps"], 300
+    else:
+        name, steps, held_out_n = f"{args.task}-r{args.rank}", SUITE_STEPS.get(args.task, DEFAULT_SUITE_STEPS), 500
+    if args.targets != "all":
+        name += "-attn"
+    name = args.name or name
+    steps = args.steps if args.steps is not None else steps
+    held_out_n = args.held_out if args.held_out is not None else held_out_n
     lr = args.lr if args.lr is not None else defaults["lr"]
+    max_new_tokens = suite.task(args.task).max_new_tokens
 
     out = cache_dir() / "adapters" / name
     if (out / "metrics.json").is_file() and not args.force:
@@ -138,12 +164,12 @@ def main(argv=None) -> int:
     model, tokenizer = load_base("smollm2")
     base_hash = base_content_hash(materialize_smollm2())
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.unk_token_id
-    model = get_peft_model(model, lora_config(args.variant))
+    model = get_peft_model(model, lora_config(args.variant, args.rank, args.targets))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log(f"{name}: {trainable:,} trainable parameters, {steps} steps x {args.batch_size}, lr {lr}, "
         f"{torch.get_num_threads()} threads")
 
-    rows = encode(tokenizer, task.make_examples(steps * args.batch_size, seed=args.seed, split="train"))
+    rows = encode(tokenizer, suite.make_examples(args.task, steps * args.batch_size, seed=args.seed, split="train"))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     warmup = max(1, steps // 20)
@@ -172,18 +198,19 @@ def main(argv=None) -> int:
     model.eval()
 
     metrics = {
-        "name": name, "variant": args.variant, "task": "date-iso", "base": "smollm2", "base_sha256": base_hash,
+        "name": name, "variant": args.variant, "task": args.task, "rank": args.rank,
+        "targets": args.targets, "base": "smollm2", "base_sha256": base_hash,
         "seed": args.seed, "steps": steps, "batch_size": args.batch_size, "lr": lr, "threads": args.threads,
         "trainable_parameters": trainable, "train_seconds": round(train_seconds, 1),
         "steps_per_second": round(steps / train_seconds, 3),
         "final_loss": sum(losses[-20:]) / len(losses[-20:]),
     }
-    if args.held_out:
-        held_out = task.make_examples(args.held_out, seed=args.seed, split="test")
+    if held_out_n:
+        held_out = suite.make_examples(args.task, held_out_n, seed=args.seed, split="test")
         t1 = time.perf_counter()
-        adapted = evaluate(model, tokenizer, held_out)
+        adapted = evaluate(model, tokenizer, held_out, max_new_tokens)
         with model.disable_adapter():
-            base = evaluate(model, tokenizer, held_out)
+            base = evaluate(model, tokenizer, held_out, max_new_tokens)
         metrics.update({
             "held_out_n": len(held_out), "held_out_seed": args.seed,
             "base_exact_match": base["exact_match"], "adapter_exact_match": adapted["exact_match"],
