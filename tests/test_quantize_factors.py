@@ -143,13 +143,14 @@ def test_bit_budget_below_minimum():
 
 @pytest.mark.parametrize("text,expected", [("8", dict(bits=8, mixed_avg_bits=None)),
                                            ("2", dict(bits=2, mixed_avg_bits=None)),
+                                           ("1", dict(bits=1, mixed_avg_bits=None)),
                                            ("mixed:2.5", dict(bits=None, mixed_avg_bits=2.5)),
                                            ("MIXED:3", dict(bits=None, mixed_avg_bits=3.0))])
 def test_parse_bits(text, expected):
     assert parse_bits(text) == expected
 
 
-@pytest.mark.parametrize("text", ["5", "1", "16", "4.0", "int4", "", "mixed:abc", "mixed:", "mixed:0", "mixed:inf"])
+@pytest.mark.parametrize("text", ["5", "0", "16", "4.0", "int4", "", "mixed:abc", "mixed:", "mixed:0", "mixed:inf"])
 def test_parse_bits_refuses(text):
     with pytest.raises(QuantizeError, match="not supported|positive number"):
         parse_bits(text)
@@ -184,3 +185,19 @@ def test_corrupt_file(tmp_path):
     path.write_bytes(path.read_bytes()[:200])
     with pytest.raises(AdapterError, match="truncated or corrupt"):
         load_quantized(path)
+
+
+def test_one_bit_is_sign_times_mean_magnitude():
+    from edge_lora.stages.quantize_factors import quantize_rows
+
+    x = np.array([[0.5, -1.0, 2.0, -0.5, 1.0, -3.0, 0.25, 0.75]])
+    q = quantize_rows(x, [1], group_size=4, symmetric=True)
+    # per group of 4, every value becomes ±mean|v| with its own sign (the least-squares binarisation)
+    expected = np.concatenate([np.sign(x[0, :4]) * np.abs(x[0, :4]).mean(), np.sign(x[0, 4:]) * np.abs(x[0, 4:]).mean()])
+    np.testing.assert_allclose(q.dequantize()[0], expected, rtol=1e-3)
+    assert q.payload_bits() < quantize_rows(x, [2], group_size=4, symmetric=True).payload_bits()
+
+
+def test_one_bit_refuses_asymmetric():
+    with pytest.raises(QuantizeError, match="symmetric"):
+        FactorQuantConfig(bits=1, symmetric=False)

@@ -26,6 +26,11 @@ from edge_lora.formats.quantized_factors import SUPPORTED_BITS, ModuleCodes
 MIXED_CHOICES = (0,) + SUPPORTED_BITS
 
 
+def mixed_choices(symmetric: bool) -> tuple[int, ...]:
+    """Widths a mixed allocation picks from: 1 bit (sign × scale) exists only in the symmetric code."""
+    return MIXED_CHOICES if symmetric else tuple(b for b in MIXED_CHOICES if b != 1)
+
+
 class QuantizeError(ProfileError):
     """A factor-quantization setting is out of range (a setting to change: exit 2)."""
 
@@ -54,23 +59,25 @@ def parse_bits(text: str) -> dict:
     if text.isdigit() and int(text) in SUPPORTED_BITS:
         return {"bits": int(text), "mixed_avg_bits": None}
     raise QuantizeError(f"--bits {text} is not supported: use a uniform width ({uniform}) or mixed:AVG_BITS "
-                        "(per-component widths from {0, 2, 3, 4, 8} within an average budget, e.g. mixed:2.5).")
+                        "(per-component widths from {0, 1, 2, 3, 4, 8} within an average budget, e.g. mixed:2.5).")
 
 
 @dataclass(frozen=True)
 class FactorQuantConfig:
-    bits: int | None = 4                 # uniform width; None when mixed_avg_bits is given
+    bits: int | None = 4                 # uniform width (1, 2, 3, 4 or 8); None when mixed_avg_bits is given
     mixed_avg_bits: float | None = None  # total budget in bits per original factor parameter, all overheads in
     group_size: int = 64
     symmetric: bool = True
 
     def __post_init__(self):
         if (self.bits is None) == (self.mixed_avg_bits is None):
-            raise QuantizeError("give exactly one of bits (uniform: 2, 3, 4 or 8) or mixed_avg_bits (a budget in "
+            raise QuantizeError("give exactly one of bits (uniform: 1, 2, 3, 4 or 8) or mixed_avg_bits (a budget in "
                                 "bits per parameter, e.g. 3.5).")
         if self.bits is not None and self.bits not in SUPPORTED_BITS:
             raise QuantizeError(f"bits={self.bits!r} is not supported; choose one of {SUPPORTED_BITS} "
                                 "(or mixed:AVG_BITS for mixed precision).")
+        if self.bits == 1 and not self.symmetric:
+            raise QuantizeError("1-bit codes are sign × scale, a symmetric code; drop --asymmetric or use 2 bits.")
         if self.mixed_avg_bits is not None and not (isinstance(self.mixed_avg_bits, (int, float))
                                                     and math.isfinite(self.mixed_avg_bits) and self.mixed_avg_bits > 0):
             raise QuantizeError(f"mixed_avg_bits={self.mixed_avg_bits!r} must be a positive number of bits per "

@@ -5,7 +5,7 @@ write), decoded on the device (``formats/ort_adapter.py`` expands it when an ada
 alone: no torch here.
 
 Each module's factors are handled as two (components × d) matrices, ``Bᵀ`` (d = d_out) and ``A`` (d = d_in);
-row i of both is singular component i, and has its own bit width from {0, 2, 3, 4, 8} (0: dropped). Groups of
+row i of both is singular component i, and has its own bit width from {0, 1, 2, 3, 4, 8} (0: dropped). Groups of
 ``group_size`` values run along d within a row; a last group shorter than that keeps its own scale.
 
 Five flat tensors, so a file costs what its payload says (one tensor per module part would cost ~100 header
@@ -20,8 +20,9 @@ The JSON header lists the modules in order (name, kind, d_out, d_in, rank, has_b
 implied; it travels as the safetensors metadata entry ``edge_lora`` of ``quantized.safetensors``, or as the
 uint8 parameter ``edge_lora.quantized.header`` of an ONNX Runtime adapter file (:mod:`edge_lora.formats.ort_adapter`).
 
-Symmetric codes of b bits are 0 … 2^b − 2 around ``half = 2^(b−1) − 1`` (so +x and −x are both exact);
-asymmetric codes 0 … 2^b − 1 with a per-group zero point.
+Symmetric codes of b bits are 0 … 2^b − 2 around ``half = 2^(b−1) − 1`` (so +x and −x are both exact), except
+1 bit, where codes 0 / 1 stand for −scale/2 / +scale/2 (sign × magnitude); asymmetric codes 0 … 2^b − 1 with a
+per-group zero point.
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ import numpy as np
 from edge_lora.errors import AdapterError
 
 FORMAT = "edge_lora.quantized_factors/2"
-SUPPORTED_BITS = (2, 3, 4, 8)
+# 1 bit is sign × scale (symmetric only): codes 0/1 stand for ∓scale/2, the offset of dequantize_row.
+SUPPORTED_BITS = (1, 2, 3, 4, 8)
 ROW_BITS = (0,) + SUPPORTED_BITS
 SCALE_BITS = 16
 TENSORS = ("bits", "codes", "scales", "zeros", "bias")

@@ -5,7 +5,7 @@ We quantize the balanced canonical factors. Each singular component i is a pair 
 (r × d) matrices whose rows are components: ``Bᵀ`` and ``A``. Groups run along d within a row; a last
 group shorter than ``group_size`` keeps its own scale (no padding, no refusal).
 
-Mixed precision gives every component its own bit width from {0, 2, 3, 4, 8}: zero drops it. The allocation
+Mixed precision gives every component its own bit width from {0, 1, 2, 3, 4, 8}: zero drops it, one is sign × scale. The allocation
 is a greedy Lagrangian on measured errors: start from nothing, and repeatedly buy the upgrade that removes the
 most squared error per bit spent, until the bit budget is used. Measured, not modelled: the error of each
 (component, bits) choice is computed from the quantized vectors with the rank-1 identity
@@ -29,6 +29,7 @@ import numpy as np
 from edge_lora.adapter import Adapter
 from edge_lora.adapter.quantized import (  # noqa: F401  (the quantizer's names, importable from here)
     MIXED_CHOICES,
+    mixed_choices,
     BitBudgetError,
     FactorQuantConfig,
     QuantizedAdapter,
@@ -58,7 +59,11 @@ def _quantize_row(x: np.ndarray, bits: int, g: int, symmetric: bool):
     levels = (1 << bits) - 1
     for k, sl in enumerate(_groups(len(x), g)):
         v = x[sl].astype(np.float64)
-        if symmetric:
+        if bits == 1:
+            # Sign × magnitude: codes 0/1 decode to ∓scale/2, and scale/2 = mean |v| minimises ‖v − α·sign(v)‖².
+            scale = np.float16(2.0 * float(np.abs(v).mean()))
+            q = (v > 0).astype(np.float64)
+        elif symmetric:
             # Codes 0..2^b−2, centred on half = 2^(b−1)−1, so +x and −x are both representable.
             half = (1 << (bits - 1)) - 1
             amax = float(np.abs(v).max())
@@ -102,14 +107,77 @@ def quantize_rows(m: np.ndarray, bits_per_row, group_size: int, symmetric: bool)
 
 
 
-def _component_errors(b: np.ndarray, a: np.ndarray, cfg: FactorQuantConfig) -> dict[int, float]:
-    """Squared Frobenius error of the rank-1 term b·aᵀ for each candidate width (0 = dropped)."""
-    nb, na = float(b @ b), float(a @ a)
+def gptq_factor(hessian: np.ndarray) -> np.ndarray:
+    """The upper Cholesky factor of H⁻¹ that :func:`quantize_rows_gptq` spreads errors with (compute once per H)."""
+    import torch   # torch's LAPACK honours torch.set_num_threads; numpy's OpenBLAS spins on busy cores (100× slower)
+
+    H = torch.from_numpy(np.ascontiguousarray(hessian, dtype=np.float64))
+    return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H))).T.contiguous().numpy()
+
+
+def quantize_rows_gptq(m: np.ndarray, bits: int, group_size: int, hessian: np.ndarray | None = None,
+                       factor: np.ndarray | None = None) -> QuantizedRows:
+    """Symmetric b-bit codes for every row of ``m`` (r × d) that minimise (a − â)ᵀ·H·(a − â) instead of the
+    plain rounding error: columns are coded one at a time and each one's rounding error is pushed onto the columns
+    not yet coded through H⁻¹ (the optimal-brain-quantization update GPTQ uses). H = C = XᵀX of the layer's inputs
+    makes that the error of the layer's output. The codes and fp16 group scales are the ordinary format: the
+    device decodes them like any others. Each group's scale is set from the values as they are when coding reaches
+    it. ``factor``: :func:`gptq_factor` of H, when the caller codes one matrix at several widths."""
+    r, d = m.shape
+    n_groups = math.ceil(d / group_size)
+    # upper Cholesky factor of H⁻¹: row j holds how column j's error spreads over the later columns
+    U = factor if factor is not None else gptq_factor(hessian)
+    W = m.astype(np.float64).copy()
+    codes = np.zeros((r, d), dtype=np.uint8)
+    scales = np.zeros((r, n_groups), dtype=np.float16)
+    half = (1 << (bits - 1)) - 1
+    for k, sl in enumerate(_groups(d, group_size)):
+        V = W[:, sl]
+        if bits == 1:
+            scale = (2.0 * np.abs(V).mean(axis=1)).astype(np.float16)
+        else:
+            amax = np.abs(V).max(axis=1)
+            scale = np.where(amax > 0, amax / half, 1.0).astype(np.float16)
+        scales[:, k] = scale
+        s = scale.astype(np.float64)
+        s[s == 0] = 1.0
+        for j in range(sl.start, sl.stop):
+            col = W[:, j]
+            if bits == 1:
+                c = (col > 0).astype(np.float64)
+                deq = (c - 0.5) * s
+            else:
+                c = np.clip(np.rint(col / s) + half, 0, 2 * half)
+                deq = (c - half) * s
+            codes[:, j] = c.astype(np.uint8)
+            err = (col - deq) / U[j, j]
+            W[:, j + 1:] -= err[:, None] * U[j, j + 1:][None, :]
+    return QuantizedRows(bits=np.full(r, bits, dtype=np.uint8), codes=[codes[i] for i in range(r)], scales=scales,
+                         zeros=None, d=d, group_size=group_size)
+
+
+def rank1_error(b, a, qb, qa, gram: np.ndarray | None = None) -> float:
+    """‖b aᵀ − b̂ âᵀ‖² (or through C on the input side) by the rank-1 identity, from the vectors."""
+    def dot(u, v):
+        return float(u @ v) if gram is None else float(u @ (gram @ v))
+
+    return max(float(b @ b) * dot(a, a) + float(qb @ qb) * dot(qa, qa) - 2 * float(b @ qb) * dot(a, qa), 0.0)
+
+
+def component_errors(b: np.ndarray, a: np.ndarray, cfg: FactorQuantConfig, gram: np.ndarray | None = None
+                     ) -> dict[int, float]:
+    """Squared error of the rank-1 term b·aᵀ for each candidate width (0 = dropped): in the weight space
+    ‖b aᵀ − b̂ âᵀ‖²_F, or with ``gram`` (C = XᵀX of the module's inputs) in the output space ‖(b aᵀ − b̂ âᵀ)·X‖²_F,
+    where every inner product on the input side is taken through C."""
+    def dot(u, v):
+        return float(u @ v) if gram is None else float(u @ (gram @ v))
+
+    nb, na = float(b @ b), dot(a, a)
     errors = {0: nb * na}
-    for bits in MIXED_CHOICES[1:]:
+    for bits in mixed_choices(cfg.symmetric)[1:]:
         qb = quantize_rows(b[None], [bits], cfg.group_size, cfg.symmetric).dequantize()[0].astype(np.float64)
         qa = quantize_rows(a[None], [bits], cfg.group_size, cfg.symmetric).dequantize()[0].astype(np.float64)
-        errors[bits] = max(nb * na + float(qb @ qb) * float(qa @ qa) - 2 * float(b @ qb) * float(a @ qa), 0.0)
+        errors[bits] = max(nb * na + float(qb @ qb) * dot(qa, qa) - 2 * float(b @ qb) * dot(a, qa), 0.0)
     return errors
 
 
@@ -120,30 +188,34 @@ def _component_cost(bits: int, d_out: int, d_in: int, cfg: FactorQuantConfig) ->
     return bits * (d_out + d_in) + groups * (SCALE_BITS + (0 if cfg.symmetric else 8)) + 16
 
 
-def allocate_bits(adapter: Adapter, cfg: FactorQuantConfig) -> dict[str, list[int]]:
-    """Per-module, per-component widths meeting ``mixed_avg_bits`` over the whole adapter (greedy Lagrangian)."""
-    params = adapter.params
-    budget = cfg.mixed_avg_bits * params
-    floor = sum(_component_cost(0, m.d_out, m.d_in, cfg) * m.rank for m in adapter.modules.values())
-    cheapest = min(_component_cost(2, m.d_out, m.d_in, cfg) for m in adapter.modules.values())
-    if budget < floor + cheapest:
-        minimum = math.ceil((floor + cheapest) / params * 1000) / 1000   # rounded up, so the number given works
-        raise BitBudgetError(f"a budget of {cfg.mixed_avg_bits} bits per parameter cannot keep even one component "
-                             f"at 2 bits: the minimum for this adapter is {minimum:.3f} bits/param with group size "
-                             f"{cfg.group_size} (every component pays 16 bits of width bytes, the cheapest 2-bit "
-                             f"component its codes and scales). Raise the budget (mixed:{minimum:.3f} or more).")
+@dataclass(frozen=True)
+class Allocation:
+    """Per-module, per-component widths and the greedy path that led there: ``path`` is (payload bits, total
+    weighted error²) after every upgrade bought, the size-versus-error curve of this adapter."""
+
+    bits: dict[str, list[int]]
+    path: tuple[tuple[int, float], ...]
+    error_sq: float          # the estimated total (weighted) error² of ``bits``
+    reference_sq: float      # the total (weighted) energy of the adapter: error² of dropping everything
+
+
+def greedy_allocation(adapter: Adapter, cfg: FactorQuantConfig, errors: dict[tuple[str, int], dict[int, float]],
+                      bit_budget: float | None = None, error_target_sq: float | None = None) -> Allocation:
+    """Start from nothing and repeatedly buy the upgrade (a component's next width) that removes the most error
+    per bit spent: until ``bit_budget`` is spent (cheaper upgrades may still fit after a costly one does not), or
+    until the total error falls to ``error_target_sq``, whichever is given; with neither, to the end (every
+    component at its best width), which traces the whole curve."""
+    choices = mixed_choices(cfg.symmetric)
     alloc = {n: [0] * m.rank for n, m in adapter.modules.items()}
-    errors, heap = {}, []
-    for name, m in adapter.modules.items():
-        B, A = m.B.double().numpy(), m.A.double().numpy()
-        for i in range(m.rank):
-            errors[name, i] = _component_errors(B[:, i].copy(), A[i].copy(), cfg)
-    spent = floor
+    spent = sum(_component_cost(0, m.d_out, m.d_in, cfg) * m.rank for m in adapter.modules.values())
+    total = reference = sum(e[0] for e in errors.values())
+    path = [(spent, total)]
+    heap: list = []
 
     def push(name, i):
         m = adapter.modules[name]
         cur = alloc[name][i]
-        nxt = [b for b in MIXED_CHOICES if b > cur]
+        nxt = [b for b in choices if b > cur]
         if not nxt:
             return
         # Best next step among all larger widths (allows 0→4 when 0→2 gains little), by gain per bit.
@@ -151,28 +223,58 @@ def allocate_bits(adapter: Adapter, cfg: FactorQuantConfig) -> dict[str, list[in
                    (_component_cost(b, m.d_out, m.d_in, cfg) - _component_cost(cur, m.d_out, m.d_in, cfg)))
         cost = _component_cost(best, m.d_out, m.d_in, cfg) - _component_cost(cur, m.d_out, m.d_in, cfg)
         gain = errors[name, i][cur] - errors[name, i][best]
-        heapq.heappush(heap, (-gain / cost, name, i, best, cost))
+        heapq.heappush(heap, (-gain / cost, name, i, best, cost, gain))
 
     for name, m in adapter.modules.items():
         for i in range(m.rank):
             push(name, i)
     while heap:
-        _, name, i, bits, cost = heapq.heappop(heap)
-        if spent + cost > budget:
+        if error_target_sq is not None and total <= error_target_sq:
+            break
+        _, name, i, bits, cost, gain = heapq.heappop(heap)
+        if bit_budget is not None and spent + cost > bit_budget:
             continue  # a cheaper upgrade elsewhere may still fit
         alloc[name][i] = bits
         spent += cost
+        total -= gain
+        path.append((spent, total))
         push(name, i)
-    return alloc
+    return Allocation(bits=alloc, path=tuple(path), error_sq=max(total, 0.0), reference_sq=reference)
 
 
-def quantize_factors(adapter: Adapter, cfg: FactorQuantConfig = FactorQuantConfig()) -> tuple[QuantizedAdapter, StageReport]:
-    """Quantize a canonical adapter's balanced factors. Uniform width, or mixed by measured energy."""
-    if adapter.form not in ("canonical", "compressed"):
+def allocate_bits(adapter: Adapter, cfg: FactorQuantConfig) -> dict[str, list[int]]:
+    """Per-module, per-component widths meeting ``mixed_avg_bits`` over the whole adapter (greedy Lagrangian on
+    weight-space errors)."""
+    params = adapter.params
+    budget = cfg.mixed_avg_bits * params
+    floor = sum(_component_cost(0, m.d_out, m.d_in, cfg) * m.rank for m in adapter.modules.values())
+    cheapest = min(_component_cost(min(mixed_choices(cfg.symmetric)[1:]), m.d_out, m.d_in, cfg)
+                   for m in adapter.modules.values())
+    if budget < floor + cheapest:
+        minimum = math.ceil((floor + cheapest) / params * 1000) / 1000   # rounded up, so the number given works
+        raise BitBudgetError(f"a budget of {cfg.mixed_avg_bits} bits per parameter cannot keep even one component: "
+                             f"the minimum for this adapter is {minimum:.3f} bits/param with group size "
+                             f"{cfg.group_size} (every component pays 16 bits of width bytes, the cheapest "
+                             f"component its codes and scales). Raise the budget (mixed:{minimum:.3f} or more).")
+    errors = {}
+    for name, m in adapter.modules.items():
+        B, A = m.B.double().numpy(), m.A.double().numpy()
+        for i in range(m.rank):
+            errors[name, i] = component_errors(B[:, i].copy(), A[i].copy(), cfg)
+    return greedy_allocation(adapter, cfg, errors, bit_budget=budget).bits
+
+
+def quantize_factors(adapter: Adapter, cfg: FactorQuantConfig = FactorQuantConfig(),
+                     alloc: dict[str, list[int]] | None = None) -> tuple[QuantizedAdapter, StageReport]:
+    """Quantize a canonical adapter's balanced factors. Uniform width, mixed by measured energy, or the widths
+    ``alloc`` chose (stages/allocate.py: by output error, on the whitened canonical form)."""
+    if adapter.form not in ("canonical", "compressed", "whitened"):
         raise AdapterError("quantize the canonical form (run canonicalize first): raw factors carry an arbitrary "
                            "gauge, and a badly balanced pair loses far more at the same bits.")
     start = time.perf_counter()
-    if cfg.mixed_avg_bits is not None:
+    if alloc is not None:
+        pass
+    elif cfg.mixed_avg_bits is not None:
         alloc = allocate_bits(adapter, cfg)
     else:
         alloc = {n: [cfg.bits] * m.rank for n, m in adapter.modules.items()}
