@@ -65,7 +65,7 @@ class ValidateConfig:
 
     eval_tokens: int = 256           # length of the evaluation text (capped by the model's max positions)
     generate_tokens: int = 32        # greedy tokens compared between reference and candidate
-    task: str = "auto"               # "auto": the date task when the adapter says so; "date-iso"; "none"
+    task: str = "auto"               # "auto": the task the adapter's metrics.json names; a task name; "none"
     task_examples: int = 128
     task_batch_size: int = 32
     task_max_new_tokens: int = 16
@@ -79,7 +79,9 @@ class ValidateConfig:
     max_hidden_rel_error: float = 1e-4   # encoders: ‖h_cand − h_ref‖ / ‖h_ref‖
 
     def __post_init__(self):
-        _choice("validate", "task", self.task, ("auto", "date-iso", "none"))
+        from edge_lora.tasks import TASKS   # torch-free, like this module
+
+        _choice("validate", "task", self.task, ("auto", "none", *TASKS))
         _integer("validate", "eval_tokens", self.eval_tokens, 8)
         for key in ("generate_tokens", "task_examples", "task_batch_size", "task_max_new_tokens"):
             _integer("validate", key, getattr(self, key), 1)
@@ -295,6 +297,41 @@ class CompressConfig:
 
     def relative_budget(self) -> float:
         return math.sqrt(max(1.0 - self.energy, 0.0)) if self.energy is not None else self.budget
+
+
+# The default error budget of `compress` with no flags: the estimated relative output error (stages/allocate.py)
+# that kept ≥ 99% task retention on every adapter of the demo suite (BENCHMARKS "Compression on the demo suite").
+DEFAULT_TARGET_ERROR = 0.05
+ALLOCATE_WEIGHTINGS = ("layer", "adapter", "fisher")
+
+
+@dataclass(frozen=True)
+class AllocateConfig:
+    """Output-aware joint rank and bit allocation (stages/allocate.py): one of an error or a size budget."""
+
+    target_error: float | None = DEFAULT_TARGET_ERROR   # estimated relative output error allowed
+    target_bits: float | None = None     # instead: bits per original parameter (then target_error is None)
+    group_size: int = 64                 # values per fp16 scale along each factor row
+    # layer: each module's error relative to its base layer's output energy; adapter: raw output errors; fisher:
+    # each output channel weighted by how much the next-token loss moves with it (one backward pass)
+    weighting: str = "layer"
+    calibration_tokens: int = 2048       # tokens of calibration text the metric is measured on
+
+    def __post_init__(self):
+        if (self.target_error is None) == (self.target_bits is None):
+            raise ConfigError("allocate: give exactly one of target_error (an estimated relative output error, "
+                              "e.g. 0.1) or target_bits (bits per original parameter, e.g. 1.0).")
+        if self.target_error is not None:
+            _number("allocate", "target_error", self.target_error, 0.0, "a relative output error in (0, 1], e.g. 0.1")
+            if not 0 < self.target_error <= 1:
+                raise _invalid("allocate", "target_error", self.target_error, "a relative output error in (0, 1]")
+        if self.target_bits is not None:
+            _number("allocate", "target_bits", self.target_bits, 0.0, "bits per parameter > 0, e.g. 1.0")
+            if not 0 < self.target_bits < 64:
+                raise _invalid("allocate", "target_bits", self.target_bits, "bits per parameter in (0, 64)")
+        _integer("allocate", "group_size", self.group_size, 8)
+        _choice("allocate", "weighting", self.weighting, ALLOCATE_WEIGHTINGS)
+        _integer("allocate", "calibration_tokens", self.calibration_tokens, 16)
 
 
 # The profile file's tables, one per stage, in the order a profile runs them. A literal: a stage's config is

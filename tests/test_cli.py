@@ -225,3 +225,37 @@ def test_bad_profile_flag_is_a_usage_error():
     out = run_cli("profile", "somewhere", "--prompt-lengths", "16,abc")
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert "'16,abc' is not a comma-separated list of integers" in out.stderr
+
+
+def test_compress_with_no_flags_allocates_by_output_error(tiny, tmp_path):
+    """The default of `compress`: output-aware allocation on the base given by --calibrate; the folder it writes is
+    one `export` takes (quantized.safetensors naming its source)."""
+    base, adapter = tiny
+    text = tmp_path / "calib.txt"
+    text.write_text("\n".join(" ".join(f"w{(7 * i + j) % 120}" for j in range(30)) for i in range(8)) + "\n")
+    out = run_cli("compress", adapter, "--out", tmp_path / "c", "--calibrate", with_tokenizer(base, tmp_path / "b"),
+                  "--calibration-text", text, "--json")
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads(out.stdout)
+    assert report["stage"] == "allocate"
+    assert report["metrics"]["estimated_rel_error"] <= report["config"]["target_error"]
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == sorted(
+        ["quantized.safetensors", "report.json", "report.md", "size_vs_error.png"])
+    from edge_lora.adapter.load import load_adapter
+
+    loaded, source = load_adapter(tmp_path / "c")
+    assert source.resolve() == adapter.resolve() and loaded.bits_per_param() > 0
+
+
+def test_compress_default_without_a_base_is_a_clear_error(tiny, tmp_path):
+    _, adapter = tiny
+    out = run_cli("compress", adapter, "--out", tmp_path / "c")
+    assert_clean_error(out, "--calibrate BASE", "--budget")
+    assert not (tmp_path / "c").exists()
+
+
+def test_compress_refuses_two_modes_at_once(tiny, tmp_path):
+    _, adapter = tiny
+    out = run_cli("compress", adapter, "--out", tmp_path / "c", "--target-error", "0.1", "--budget", "0.2")
+    assert_clean_error(out, "--target-error", "--budget", "one mode")
+    assert not (tmp_path / "c").exists()

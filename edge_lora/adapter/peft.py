@@ -50,8 +50,9 @@ _LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A\.weight|lora_B\.weight
 
 ModuleKind = Literal["linear", "embedding"]
 # "peft" as imported; "pruned" (rank-0 modules dropped), "canonical" (gauge-fixed SVD form), "compressed" and
-# "quantized" (the float expansion of a CompressedAdapter / QuantizedAdapter)
-AdapterForm = Literal["peft", "pruned", "canonical", "compressed", "quantized"]
+# "quantized" (the float expansion of a CompressedAdapter / QuantizedAdapter), "whitened" (the canonical form of
+# an output metric: stages/allocate.py)
+AdapterForm = Literal["peft", "pruned", "canonical", "compressed", "quantized", "whitened"]
 FORMS = typing.get_args(AdapterForm)
 
 

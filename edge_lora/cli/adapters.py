@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from edge_lora.config import COMPRESS_SCOPES, COMPRESS_STRUCTURES, STORAGE_DTYPES
+from edge_lora.config import ALLOCATE_WEIGHTINGS, COMPRESS_SCOPES, COMPRESS_STRUCTURES, DEFAULT_TARGET_ERROR, STORAGE_DTYPES
 
 
 # ---------------------------------------------------------------------------------------------- inspect
@@ -63,8 +63,16 @@ def _models(args) -> int:
 def add_compress(sub, name: str) -> None:
     p = sub.add_parser(
         name,
-        help="shrink a LoRA adapter within an error budget: per-module truncation or cross-layer sharing",
-        description="Canonicalize the adapter, then for each module type across layers measure what per-module "
+        help="shrink a LoRA adapter: by default ranks and bits chosen jointly against the output error on the base; "
+             "or within a weight-space budget (--budget/--bits): per-module truncation or cross-layer sharing",
+        description="With no --budget/--energy/--bits/--structure/--scope/--max-rank/--output-budget: output-aware "
+                    "allocation (the default). The base (--calibrate, or the adapter's own base folder) runs over "
+                    "calibration text (built-in task-agnostic text, or --calibration-text); every component of every "
+                    "module gets a width in {0,1,2,3,4,8} bits (0 drops it) so that the estimated relative output "
+                    "error stays within --target-error (or the size within --target-bits) at the fewest bytes. "
+                    "Writes DIR/quantized.safetensors, report.json, report.md and size_vs_error.png. "
+                    "With a weight-space flag: canonicalize the adapter, then for each module type across layers "
+                    "measure what per-module "
                     "rank truncation (svd), a shared output basis (shared-out), Tucker-2 (shared bases, small "
                     "per-layer cores), CP and a tensor train cost at the budget, all from the small stacked core "
                     "(no dense ΔW), and keep the smallest. Writes DIR/compressed.safetensors (shared factors "
@@ -74,21 +82,32 @@ def add_compress(sub, name: str) -> None:
     )
     p.add_argument("adapter", help="PEFT LoRA folder (adapter_config.json + adapter_model.safetensors)")
     p.add_argument("--out", required=True, help="output folder; must not exist unless --force")
-    p.add_argument("--budget", type=float, default=0.05,
-                   help="allowed relative Frobenius error ‖ΔW−ΔŴ‖/‖ΔW‖ (default 0.05)")
+    a = p.add_argument_group("output-aware allocation (the default)")
+    a.add_argument("--target-error", type=float, default=None,
+                   help=f"estimated relative output error allowed (default {DEFAULT_TARGET_ERROR:g}: it kept ≥ 99%% "
+                        "task retention on every adapter of the demo suite)")
+    a.add_argument("--target-bits", type=float, default=None,
+                   help="instead of --target-error: a size budget in bits per original parameter (e.g. 1.0)")
+    a.add_argument("--weighting", choices=ALLOCATE_WEIGHTINGS, default="layer",
+                   help="layer (default): each module's error relative to its base layer's output energy; adapter: "
+                        "raw output errors; fisher: each output channel weighted by how much the next-token loss "
+                        "moves with it (one backward pass of the base)")
+    p.add_argument("--budget", type=float, default=None,
+                   help="weight-space mode: allowed relative Frobenius error ‖ΔW−ΔŴ‖/‖ΔW‖ (default 0.05)")
     p.add_argument("--energy", type=float, default=None,
                    help="instead of --budget: keep this fraction of the energy Σσ² (e.g. 0.99)")
-    p.add_argument("--scope", choices=COMPRESS_SCOPES, default="group",
+    p.add_argument("--scope", choices=COMPRESS_SCOPES, default=None,
                    help="where the budget applies: per group (default), per module, or over the whole adapter "
                         "(error spent where it saves most bytes)")
-    p.add_argument("--structure", choices=("auto",) + COMPRESS_STRUCTURES, default="auto",
+    p.add_argument("--structure", choices=("auto",) + COMPRESS_STRUCTURES, default=None,
                    help="force one structure for every group, or let the budget choose per group (auto)")
     p.add_argument("--max-rank", type=int, default=None, help="upper bound on every rank chosen")
     p.add_argument("--calibrate", metavar="BASE",
                    help="base model ('smollm2', HF folder, .gguf): collect C = XXᵀ of every module's inputs over a "
                         "few hundred tokens of --calibration-text and report output errors")
     p.add_argument("--calibration-text", metavar="FILE",
-                   help="text file for --calibrate (default: held-out prompts of the date → ISO demo task)")
+                   help="text file, one calibration text per line (default: built-in task-agnostic text); the "
+                        "adapter's own prompts are best")
     p.add_argument("--output-budget", action="store_true",
                    help="with --calibrate: apply --budget to the output error ‖(ΔW−ΔŴ)X‖/‖ΔW X‖ instead of the "
                         "weight error (svd and shared-out only)")
@@ -102,7 +121,7 @@ def add_compress(sub, name: str) -> None:
         "expansion is canonicalized and its balanced factors quantized, so the file holds per-module factors. "
         "Use --budget 0 to quantize without truncation.")
     q.add_argument("--bits", metavar="8|4|3|2|mixed:AVG_BITS",
-                   help="uniform width, or mixed:AVG_BITS = per-component widths from {0,2,3,4,8} within an average "
+                   help="uniform width, or mixed:AVG_BITS = per-component widths from {0,1,2,3,4,8} within an average "
                         "budget in bits per parameter of the factors being quantized (e.g. mixed:3.0); the report "
                         "also gives bits per parameter of the original adapter")
     q.add_argument("--group-size", type=int, default=None, metavar="N",
@@ -118,23 +137,50 @@ def add_compress(sub, name: str) -> None:
     p.set_defaults(func=_compress)
 
 
+WEIGHT_SPACE_FLAGS = (("budget", "--budget"), ("energy", "--energy"), ("scope", "--scope"),
+                      ("structure", "--structure"), ("max_rank", "--max-rank"), ("bits", "--bits"),
+                      ("output_budget", "--output-budget"), ("asymmetric", "--asymmetric"))
+
+
 def _compress(args) -> int:
-    from edge_lora.config import CompressConfig
+    from edge_lora.config import AllocateConfig, CompressConfig
+    from edge_lora.errors import ConfigError
     from edge_lora.stages.compress import compress_folder, factor_quant_config
 
+    weight_space = [flag for key, flag in WEIGHT_SPACE_FLAGS if getattr(args, key) not in (None, False)]
+    if not weight_space:
+        from edge_lora.stages.allocate import allocate_folder
+
+        if args.target_error is not None and args.target_bits is not None:
+            raise ConfigError("give one of --target-error or --target-bits, not both.")
+        config = AllocateConfig(target_error=None if args.target_bits is not None else
+                                (args.target_error if args.target_error is not None else DEFAULT_TARGET_ERROR),
+                                target_bits=args.target_bits, weighting=args.weighting,
+                                group_size=args.group_size if args.group_size is not None else 64)
+        done = allocate_folder(args.adapter, args.out, config, base=args.calibrate,
+                               calibration_text=args.calibration_text, as_peft=args.as_peft, force=args.force)
+        return _print_done(args, done, quantized=True)
+    given = [f for f, v in (("--target-error", args.target_error), ("--target-bits", args.target_bits)) if v is not None]
+    if given:
+        raise ConfigError(f"{given[0]} is the output-aware mode's budget; {weight_space[0]} selects the weight-space "
+                          "mode. Use one mode: drop one of them.")
     done = compress_folder(
         args.adapter, args.out,
-        CompressConfig(budget=args.budget, energy=args.energy, scope=args.scope, structure=args.structure,
+        CompressConfig(budget=0.05 if args.budget is None else args.budget, energy=args.energy,
+                       scope=args.scope or "group", structure=args.structure or "auto",
                        max_rank=args.max_rank, storage_dtype=args.dtype, curves=True,
                        error_metric="output" if args.output_budget else "weight"),
         quant_config=factor_quant_config(args.bits, args.group_size, args.asymmetric),
         calibrate_base=args.calibrate, calibration_text=args.calibration_text, as_peft=args.as_peft,
         force=args.force)
+    return _print_done(args, done, quantized=args.bits is not None)
+
+
+def _print_done(args, done, quantized: bool) -> int:
     if args.json:
         print(json.dumps(done.report.to_dict(), indent=2))
         return 0
     print(done.markdown)
-    quantized = args.bits is not None
     peft = (f"; PEFT expansion{' (dequantized)' if quantized else ''} in {done.as_peft}" if done.as_peft else "")
     print(f"wrote {done.out}/{done.files[0]}" + "".join(f", {f}" for f in done.files[1:]) + peft)
     return 0

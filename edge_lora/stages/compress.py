@@ -656,15 +656,15 @@ def factor_quant_config(bits: str | None, group_size: int | None = None, asymmet
 
 
 def calibration_texts(path: str | os.PathLike | None) -> list[str]:
-    """The non-empty lines of ``--calibration-text`` (default: held-out prompts of the date → ISO demo task)."""
+    """The non-empty lines of ``--calibration-text`` (default: the task-agnostic text of edge_lora.calibration)."""
     if path is None:
-        from edge_lora import eval as task
+        from edge_lora.calibration import TEXTS
 
-        return [task.prompt_text(e) + task.target_text(e) for e in task.make_examples(64, seed=2, split="test")]
+        return list(TEXTS)
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"--calibration-text {path}: no such file; pass a UTF-8 text file (one calibration text "
-                          "per line), or leave the flag out to use the date-task prompts.")
+                          "per line), or leave the flag out to use the built-in task-agnostic text.")
     try:
         texts = [t for t in path.read_text(encoding="utf-8").splitlines() if t.strip()]
     except (OSError, UnicodeDecodeError) as exc:

@@ -27,6 +27,7 @@ from edge_lora.report import StageReport
 from edge_lora.runtimes.ort_session import full_feeds, load_session
 from edge_lora.files import write_text_atomic
 from edge_lora.formats.export_meta import ExportMeta
+from edge_lora.tasks import TASKS
 
 
 # ------------------------------------------------------------------------------------------ inputs
@@ -230,19 +231,22 @@ def validate(export_dir: str | Path, reference, tokenizer, config: ValidateConfi
         diverged = np.nonzero((ref_gen != cand_gen).any(0))[0]
         metrics["generation_first_divergence"] = int(diverged[0]) if len(diverged) else None
 
-    task = config.task
+    task = None if config.task == "none" else config.task
     if task == "auto":
         source = meta.path("reference_adapter") or meta.path("adapter_source")   # the original knows its task
         task = adapter_task(source) if causal and tokenizer is not None else None
         if task is None:
             skipped.append("task metric: the adapter names no task (metrics.json) or the model is not a causal "
                            "LM with a tokenizer")
-    if task == "date-iso" and (tokenizer is None or not causal):
-        skipped.append("task metric date-iso: needs a causal LM with a tokenizer")
+    if task is not None and task not in TASKS:
+        skipped.append(f"task metric: the adapter's task {task!r} is not one edge_lora knows ({', '.join(TASKS)})")
         task = None
-    if task == "date-iso":
-        key = reference_cache_key(meta, config) if config.cache_reference else None
-        metrics.update(_task_metrics(reference, tokenizer, candidate, config, say, key))
+    if task is not None and (tokenizer is None or not causal):
+        skipped.append(f"task metric {task}: needs a causal LM with a tokenizer")
+        task = None
+    if task is not None:
+        key = reference_cache_key(meta, config, task) if config.cache_reference else None
+        metrics.update(_task_metrics(reference, tokenizer, candidate, config, say, key, task))
 
     say("done")
     metrics["seconds_by_step"] = steps
@@ -254,18 +258,22 @@ def validate(export_dir: str | Path, reference, tokenizer, config: ValidateConfi
     return metrics, report
 
 
-def reference_cache_key(meta: ExportMeta, config: ValidateConfig) -> str | None:
+def reference_cache_key(meta: ExportMeta, config: ValidateConfig, task_name: str = "date-iso") -> str | None:
     """The reference's task score depends only on base, adapter, task settings and the task code: key on all
     four, so the merged and hot-swap exports of one adapter score the PyTorch reference once."""
     import hashlib
 
     from edge_lora import eval as task
+    from edge_lora import tasks as suite
 
     if not meta.base_sha256 or not meta.adapter_sha256:
         return None
     h = hashlib.sha256()
-    for part in (meta.base_sha256, meta.adapter_sha256, config.task_examples, config.task_batch_size,
-                 config.task_max_new_tokens, Path(task.__file__).read_bytes(), torch.__version__):
+    parts = [meta.base_sha256, meta.adapter_sha256, config.task_examples, config.task_batch_size,
+             config.task_max_new_tokens, Path(task.__file__).read_bytes(), torch.__version__]
+    if task_name != "date-iso":   # the date task's keys stay as they were (cached references remain valid)
+        parts += [task_name, Path(suite.__file__).read_bytes()]
+    for part in parts:
         h.update(str(part).encode() if not isinstance(part, bytes) else part)
     return h.hexdigest()
 
@@ -286,10 +294,11 @@ def _cached(key: str | None, compute):
 
 
 def _task_metrics(reference, tokenizer, candidate: Candidate, config: ValidateConfig, say,
-                  cache_key: str | None = None) -> dict:
+                  cache_key: str | None = None, task_name: str = "date-iso") -> dict:
     from edge_lora import eval as task
+    from edge_lora import tasks as suite
 
-    examples = task.make_examples(config.task_examples, seed=0, split="test")
+    examples = suite.make_examples(task_name, config.task_examples, seed=0, split="test")
     say(f"task exact match, reference (PyTorch), {len(examples)} examples")
     ref = _cached(cache_key, lambda: task.score(
         lambda p: task.torch_greedy_generate(reference, tokenizer, p, config.task_max_new_tokens),
@@ -297,7 +306,7 @@ def _task_metrics(reference, tokenizer, candidate: Candidate, config: ValidateCo
     say(f"task exact match, candidate (ONNX Runtime), {len(examples)} examples")
     cand = task.score(candidate.causal_lm(tokenizer).generate_fn(config.task_max_new_tokens), examples,
                       config.task_batch_size)
-    out = {"task": "date-iso", "task_examples": len(examples), "reference_from_cache": bool(ref.get("cached")),
+    out = {"task": task_name, "task_examples": len(examples), "reference_from_cache": bool(ref.get("cached")),
            "exact_match_reference": ref["exact_match"], "exact_match_candidate": cand["exact_match"],
            "exact_match_drop": ref["exact_match"] - cand["exact_match"],
            "task_failures_candidate": cand["failures"][:5]}
