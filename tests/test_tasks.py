@@ -44,6 +44,9 @@ def test_targets_are_right():
     for e in tasks.make_examples("compare", 300, split="train"):
         a, b = map(int, e.item.split(","))
         assert e.target.strip() == ("same" if a == b else "smaller" if a < b else "larger")
+    for e in tasks.make_examples("compare-sum", 300, split="train"):
+        a, b, c = map(int, re.findall(r"\d+", e.prompt))
+        assert e.target.strip() == ("same" if a + b == c else "smaller" if a + b < c else "larger")
     for e in tasks.make_examples("roman", 200, split="train"):
         assert e.target.strip() == tasks.roman(int(e.item))
 
@@ -66,5 +69,5 @@ def test_unknown_task_and_split_are_refused():
 
 
 def test_the_date_task_is_in_the_registry_but_not_the_suite():
-    assert "date-iso" not in tasks.SUITE and "numwords" not in tasks.SUITE
+    assert "date-iso" not in tasks.SUITE and "numwords" not in tasks.SUITE and "compare" not in tasks.SUITE
     assert tasks.make_examples("date-iso", 5, split="test") == scorer.make_examples(5, split="test")
