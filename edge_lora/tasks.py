@@ -183,11 +183,15 @@ def _compare(rng: random.Random) -> Example:
 
 
 def _compare_sum(rng: random.Random) -> Example:
-    """Classification: is a + b smaller than, larger than or the same as c? c lies within 30 of the sum (the same in
-    one case of five), so the label needs the sum's last digits, not a glance at the leading ones."""
+    """Classification: is a + b smaller than, larger than or the same as c? c is the sum in one case of five, else
+    off by 1-9, 10-99 or 100-999 (a near miss needs the sum's last digits, a far one only its leading digits), so
+    the score falls with a worse adapter instead of jumping. Measured: offsets within 30 only left the adapter
+    answering the majority label (0.406 = the share of 'smaller')."""
     da, db = rng.randint(2, 4), rng.randint(2, 4)
     a, b = rng.randint(10 ** (da - 1), 10 ** da - 1), rng.randint(10 ** (db - 1), 10 ** db - 1)
-    c = a + b if rng.random() < 0.2 else max(1, a + b + rng.choice([-1, 1]) * rng.randint(1, 30))
+    scale = rng.choice([1, 10, 100])
+    offset = rng.randint(scale, 10 * scale - 1)
+    c = a + b if rng.random() < 0.2 else max(1, a + b + rng.choice([-1, 1]) * offset)
     label = "same" if a + b == c else "smaller" if a + b < c else "larger"
     form = rng.choice(["vs", "compared_to", "or"])
     text = {"vs": f"{a} + {b} vs {c}", "compared_to": f"{a} plus {b} compared to {c}",

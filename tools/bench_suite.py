@@ -41,7 +41,7 @@ SUITE_ADAPTERS = ("add-r16", "count-r16", "reverse-r16", "roman-r16", "compare-s
 # compress --target-error E --weighting fisher; "default" = compress.
 SETTINGS = (("int8", "uniform", 8), ("int4", "uniform", 4), ("mixed:2", "mixed", 2.0),
             ("output 0.03", "output", 0.03), ("output 0.05", "output", 0.05), ("output 0.1", "output", 0.1),
-            ("fisher 0.03", "fisher", 0.03))
+            ("output 0.2", "output", 0.2), ("fisher 0.03", "fisher", 0.03))
 
 
 def log(msg: str) -> None:
@@ -149,15 +149,11 @@ def run(adapters, n_examples: int, work: Path, settings=SETTINGS) -> dict:
         old = json.loads((work / "results.json").read_text())
         if old.get("examples") == n_examples:
             previous = {r["name"]: r for r in old["adapters"]}
-    labels = [s[0] for s in settings]
     for name in adapters:
         folder = adapter_dir(name)
         stamp = (folder / "adapter_model.safetensors").stat().st_mtime_ns
-        kept = previous.get(name)
-        if kept and kept.get("stamp") == stamp and [p["setting"] for p in kept["points"]] == labels:
-            log(f"{name}: kept from {work / 'results.json'}")
-            results["adapters"].append(kept)
-            continue
+        kept = previous.get(name) if previous.get(name, {}).get("stamp") == stamp else None
+        kept_points = {p["setting"]: p for p in kept["points"]} if kept else {}
         info = json.loads((folder / "metrics.json").read_text())
         task_name = info["task"]
         t = suite.task(task_name)
@@ -169,23 +165,33 @@ def run(adapters, n_examples: int, work: Path, settings=SETTINGS) -> dict:
             raise SystemExit(2)
         original = load_peft(folder)
         fp16 = original.params * 2
-        t0 = time.perf_counter()
-        metric = measure_output_metric(model, tokenizer, calibration_texts(None), list(original.modules), 2048,
-                                       "built-in task-agnostic text", fisher=True)
         tables: dict = {}
-        metric_s = time.perf_counter() - t0
+        metric = None
+
+        def output_metric():
+            nonlocal metric
+            if metric is None:   # measured when a setting needs it (not for points kept from an earlier run)
+                metric = measure_output_metric(model, tokenizer, calibration_texts(None), list(original.modules),
+                                               2048, "built-in task-agnostic text", fisher=True)
+            return metric
+
         row = {"name": name, "task": task_name, "rank": info.get("rank", 16), "targets": info.get("targets", "all"),
-               "fp16_peft_bytes": fp16, "reference": reference, "base": base, "table_seconds": metric_s,
-               "stamp": stamp,
-               "points": []}
+               "fp16_peft_bytes": fp16, "reference": reference, "base": base, "stamp": stamp, "points": []}
         log(f"{name}: reference {reference:.3f}, base {base:.3f}, fp16 PEFT {fp16 / 1e6:.2f} MB")
         scored: dict = {}
         for setting in settings:
             label = setting[0]
+            stale = label == "default" and kept_points.get(label, {}).get("target_error") != DEFAULT_TARGET_ERROR
+            if label in kept_points and not stale:   # measured before on these very adapter files
+                row["points"].append(kept_points[label])
+                scored[setting[1], setting[2]] = kept_points[label]
+                log(f"  {label:12s} kept from {work / 'results.json'}")
+                continue
             if setting[1] == "default" and ("output", DEFAULT_TARGET_ERROR) in scored:
                 # the same call as `compress --target-error DEFAULT`: the same bytes, scored once
-                point = {**scored["output", DEFAULT_TARGET_ERROR], "setting": "default", "kind": "default"}
-                q = make(setting, original, metric, tables)
+                point = {**scored["output", DEFAULT_TARGET_ERROR], "setting": "default", "kind": "default",
+                         "target_error": DEFAULT_TARGET_ERROR}
+                q = make(setting, original, output_metric(), tables)
                 peft_dir = work / name / "default-as-peft"
                 if peft_dir.exists():
                     shutil.rmtree(peft_dir)
@@ -198,7 +204,7 @@ def run(adapters, n_examples: int, work: Path, settings=SETTINGS) -> dict:
                 row["points"].append(point)
                 continue
             t0 = time.perf_counter()
-            q = make(setting, original, metric, tables)
+            q = make(setting, original, output_metric(), tables)
             make_s = time.perf_counter() - t0
             point_dir = work / name / label.replace(" ", "-").replace(":", "-")
             if point_dir.exists():
@@ -230,11 +236,14 @@ def run(adapters, n_examples: int, work: Path, settings=SETTINGS) -> dict:
             row["points"].append(point)
             scored[setting[1], setting[2]] = point
         # the float original on the same session, so the runtime's own gap to PyTorch is visible
-        float_file = work / name / "float.onnx_adapter"
-        write_ort_adapter(original, float_file, meta)
-        session.load_adapter("x", float_file)
-        row["exact_match_ort_float"] = score_ort(session, tokenizer, examples, t.max_new_tokens)
-        session.unload_adapter("x")
+        if kept and "exact_match_ort_float" in kept:
+            row["exact_match_ort_float"] = kept["exact_match_ort_float"]
+        else:
+            float_file = work / name / "float.onnx_adapter"
+            write_ort_adapter(original, float_file, meta)
+            session.load_adapter("x", float_file)
+            row["exact_match_ort_float"] = score_ort(session, tokenizer, examples, t.max_new_tokens)
+            session.unload_adapter("x")
         results["adapters"].append(row)
         (work / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     return results
@@ -289,6 +298,14 @@ def section(results: dict, command: str) -> str:
               "| adapter | setting | file × fp16 | package × fp16 | retention |", "|---|---|---:|---:|---:|", *summary, ""]
     holding = [k for k, v in best_all.items() if len(v) == len(results["adapters"]) and min(v) >= HOLD]
     lines.append("Settings that hold ≥ 99% on every adapter: " + (", ".join(holding) if holding else "none") + ".")
+    worst = {k: min(v) for k, v in best_all.items() if len(v) == len(results["adapters"])}
+    lines += ["", "Worst retention over the adapters, per setting: " + ", ".join(
+        f"{k} {v:.3f}" for k, v in worst.items()) + "."]
+    outside = [f"{r['name']} ({r['reference']:.3f})" for r in results["adapters"] if not 0.6 <= r["reference"] <= 0.95]
+    lines += ["", "Caveats: one held-out example is 0.2% of exact match, so on an adapter scoring 0.5 one example is "
+              "0.4% of retention; differences under ~1% are a few examples (paired: every setting runs the same "
+              "prompts). Retention above 1 is such noise."
+              + (f" Adapters outside the 60-95% window the suite aims for: {', '.join(outside)}." if outside else "")]
     return "\n".join(lines)
 
 
