@@ -206,7 +206,7 @@ class Task:
     draw: Callable[[random.Random], Example] | None   # None: the date task, made by edge_lora.eval
     max_new_tokens: int      # enough for the longest target and its stop
     description: str
-    saturates: bool = False  # True: the metric cannot judge compression (kept for the chain and old numbers)
+    in_suite: bool = True    # False: measured unfit to judge compression (the reason is noted at its entry)
 
 
 TASKS: dict[str, Task] = {
@@ -216,13 +216,17 @@ TASKS: dict[str, Task] = {
     "roman": Task("roman", _roman, 16, "a number (digits or words) to Roman numerals"),
     # measured: the rank-16 adapter scores 0.994 on 500 held-out examples, so it cannot judge compression
     "numwords": Task("numwords", _numwords, 12, "number in words to digits (1-9 digits, several styles)",
-                     saturates=True),
-    "compare-sum": Task("compare-sum", _compare_sum, 4, "classify: a + b smaller, larger or the same as c"),
+                     in_suite=False),
+    # measured: 200 steps leave the rank-16 adapter answering 'smaller' almost always (0.406); not learned yet
+    "compare-sum": Task("compare-sum", _compare_sum, 4, "classify: a + b smaller, larger or the same as c",
+                        in_suite=False),
     # measured: the rank-16 adapter scores 0.998 on 500 held-out examples (comparing digits is too easy)
-    "compare": Task("compare", _compare, 4, "classify: first number smaller, larger or the same", saturates=True),
-    "date-iso": Task("date-iso", None, 16, "a date in 12 surface forms to YYYY-MM-DD", saturates=True),
+    "compare": Task("compare", _compare, 4, "classify: first number smaller, larger or the same",
+                    in_suite=False),
+    # saturates: a trained adapter keeps ~100% at any size (kept for the chain and earlier numbers)
+    "date-iso": Task("date-iso", None, 16, "a date in 12 surface forms to YYYY-MM-DD", in_suite=False),
 }
-SUITE = tuple(n for n, t in TASKS.items() if not t.saturates)
+SUITE = tuple(n for n, t in TASKS.items() if t.in_suite)
 
 
 def task(name: str) -> Task:

@@ -8,7 +8,10 @@ from edge_lora import eval as scorer
 from edge_lora import tasks
 
 
-@pytest.mark.parametrize("name", tasks.SUITE)
+ALL = [n for n in tasks.TASKS if n != "date-iso"]
+
+
+@pytest.mark.parametrize("name", ALL)
 def test_examples_are_deterministic_prefix_stable_and_distinct(name):
     a = tasks.make_examples(name, 300, seed=0, split="test")
     assert a == tasks.make_examples(name, 300, seed=0, split="test")
@@ -17,14 +20,14 @@ def test_examples_are_deterministic_prefix_stable_and_distinct(name):
     assert len({e.prompt for e in a}) == 300
 
 
-@pytest.mark.parametrize("name", tasks.SUITE)
+@pytest.mark.parametrize("name", ALL)
 def test_splits_are_disjoint_by_item_and_have_500_held_out(name):
     test = tasks.make_examples(name, 500, seed=0, split="test")
     train = tasks.make_examples(name, 3200, seed=0, split="train")
     assert not ({e.item for e in test} & {e.item for e in train})
 
 
-@pytest.mark.parametrize("name", tasks.SUITE)
+@pytest.mark.parametrize("name", ALL)
 def test_prompts_carry_no_instruction_and_no_answer(name):
     for e in tasks.make_examples(name, 200, seed=0, split="test"):
         assert e.prompt.endswith(tasks.ARROW) and e.target.startswith(" ")
@@ -69,5 +72,5 @@ def test_unknown_task_and_split_are_refused():
 
 
 def test_the_date_task_is_in_the_registry_but_not_the_suite():
-    assert "date-iso" not in tasks.SUITE and "numwords" not in tasks.SUITE and "compare" not in tasks.SUITE
+    assert tasks.SUITE == ("add", "count", "reverse", "roman")
     assert tasks.make_examples("date-iso", 5, split="test") == scorer.make_examples(5, split="test")

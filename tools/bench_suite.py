@@ -35,7 +35,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tools"))
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-SUITE_ADAPTERS = ("add-r16", "count-r16", "reverse-r16", "roman-r16", "compare-sum-r16")
+SUITE_ADAPTERS = ("add-r16", "count-r16", "reverse-r16", "roman-r16")
 # (label, kind, value): kind "uniform" = compress --bits B --budget 0; "mixed" = compress --bits mixed:X --budget 0
 # (widths by weight-space error); "output" = compress --target-error E (output-aware, layer weighting); "fisher" =
 # compress --target-error E --weighting fisher; "default" = compress.
