@@ -35,12 +35,13 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tools"))
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-SUITE_ADAPTERS = ("add-r16", "count-r16", "reverse-r16", "roman-r16")
+SUITE_ADAPTERS = ("add-r16", "count-r16", "reverse-r16", "roman-r16", "roman-r16-attn")
 # (label, kind, value): kind "uniform" = compress --bits B --budget 0; "mixed" = compress --bits mixed:X --budget 0
 # (widths by weight-space error); "output" = compress --target-error E (output-aware, layer weighting); "fisher" =
 # compress --target-error E --weighting fisher; "default" = compress.
 SETTINGS = (("int8", "uniform", 8), ("int4", "uniform", 4), ("mixed:2", "mixed", 2.0),
-            ("output 0.03", "output", 0.03), ("output 0.05", "output", 0.05), ("output 0.1", "output", 0.1),
+            ("output 0.02", "output", 0.02), ("output 0.03", "output", 0.03), ("output 0.05", "output", 0.05),
+            ("output 0.1", "output", 0.1),
             ("output 0.2", "output", 0.2), ("fisher 0.03", "fisher", 0.03))
 
 
