@@ -319,6 +319,9 @@ class AllocateConfig:
     # each output channel weighted by how much the next-token loss moves with it (one backward pass)
     weighting: str = "layer"
     calibration_tokens: int = 2048       # tokens of calibration text the metric is measured on
+    # after allocation, distil the fp16 scales against the original adapter for this many steps (stages/recover.py;
+    # 0: off). Same codes, same size; costs about a second per step on 2 cores.
+    recover_steps: int = 0
 
     def __post_init__(self):
         if (self.target_error is None) == (self.target_bits is None):
@@ -335,6 +338,7 @@ class AllocateConfig:
         _integer("allocate", "group_size", self.group_size, 8)
         _choice("allocate", "weighting", self.weighting, ALLOCATE_WEIGHTINGS)
         _integer("allocate", "calibration_tokens", self.calibration_tokens, 16)
+        _integer("allocate", "recover_steps", self.recover_steps, 0)
 
 
 # The profile file's tables, one per stage, in the order a profile runs them. A literal: a stage's config is

@@ -259,3 +259,19 @@ def test_compress_refuses_two_modes_at_once(tiny, tmp_path):
     out = run_cli("compress", adapter, "--out", tmp_path / "c", "--target-error", "0.1", "--budget", "0.2")
     assert_clean_error(out, "--target-error", "--budget", "one mode")
     assert not (tmp_path / "c").exists()
+
+
+def test_compress_recover_distils_the_scales_and_reports_it(tiny, tmp_path):
+    base, adapter = tiny
+    text = tmp_path / "calib.txt"
+    text.write_text("\n".join(" ".join(f"w{(7 * i + j) % 120}" for j in range(60)) for i in range(24)) + "\n")
+    out = run_cli("compress", adapter, "--out", tmp_path / "c", "--calibrate", with_tokenizer(base, tmp_path / "b"),
+                  "--calibration-text", text, "--target-error", "0.3", "--recover", "5")
+    assert out.returncode == 0, out.stderr[-3000:]
+    recovered = json.loads((tmp_path / "c" / "report.json").read_text())["recover"]
+    assert recovered["metrics"]["steps"] == 5
+    assert recovered["metrics"]["held_out_kl_after"] <= recovered["metrics"]["held_out_kl_before"]
+    assert "Recovery (scale distillation)" in (tmp_path / "c" / "report.md").read_text()
+    out = run_cli("compress", adapter, "--out", tmp_path / "d", "--bits", "4", "--recover", "5")
+    assert_clean_error(out, "--recover", "--bits", "one mode")
+    assert not (tmp_path / "d").exists()

@@ -35,14 +35,16 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tools"))
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-SUITE_ADAPTERS = ("add-r16", "count-r16", "reverse-r16", "roman-r16", "roman-r16-attn")
+SUITE_ADAPTERS = ("add-r16", "count-r16", "reverse-r16", "roman-r16", "roman-r16-attn", "roman-r64")
 # (label, kind, value): kind "uniform" = compress --bits B --budget 0; "mixed" = compress --bits mixed:X --budget 0
 # (widths by weight-space error); "output" = compress --target-error E (output-aware, layer weighting); "fisher" =
-# compress --target-error E --weighting fisher; "default" = compress.
+# compress --target-error E --weighting fisher; "recover" = compress --target-error E --recover RECOVER_STEPS;
+# "default" = compress.
 SETTINGS = (("int8", "uniform", 8), ("int4", "uniform", 4), ("mixed:2", "mixed", 2.0),
             ("output 0.02", "output", 0.02), ("output 0.03", "output", 0.03), ("output 0.05", "output", 0.05),
             ("output 0.1", "output", 0.1),
-            ("output 0.2", "output", 0.2), ("fisher 0.03", "fisher", 0.03))
+            ("output 0.2", "output", 0.2), ("fisher 0.03", "fisher", 0.03), ("output 0.1 + recover", "recover", 0.1))
+RECOVER_STEPS = 60
 
 
 def log(msg: str) -> None:
@@ -76,7 +78,7 @@ def base_export(work: Path, any_adapter: Path) -> Path:
     return out
 
 
-def make(setting, original, metric, tables: dict):
+def make(setting, original, metric, tables: dict, model=None, tokenizer=None):
     """The in-memory adapter a setting ships, via the call its CLI flag makes (``tables``: the output-aware error
     tables of this adapter per weighting, computed once for all its budgets; the result is the same without)."""
     from edge_lora.adapter.quantized import FactorQuantConfig
@@ -93,7 +95,13 @@ def make(setting, original, metric, tables: dict):
         target_error=value, weighting="fisher" if kind == "fisher" else "layer")
     if config.weighting not in tables:
         tables[config.weighting] = error_table(original, metric, config)
-    return allocate(original, metric, config, tables[config.weighting])[0]
+    q = allocate(original, metric, config, tables[config.weighting])[0]
+    if kind == "recover":
+        from edge_lora.stages.compress import calibration_texts
+        from edge_lora.stages.recover import recover
+
+        q = recover(q, original, model, tokenizer, calibration_texts(None), steps=RECOVER_STEPS)[0]
+    return q
 
 
 def score_ort(session, tokenizer, examples, max_new_tokens, batch_size=50) -> float:
@@ -205,7 +213,7 @@ def run(adapters, n_examples: int, work: Path, settings=SETTINGS) -> dict:
                 row["points"].append(point)
                 continue
             t0 = time.perf_counter()
-            q = make(setting, original, output_metric(), tables)
+            q = make(setting, original, output_metric(), tables, model, tokenizer)
             make_s = time.perf_counter() - t0
             point_dir = work / name / label.replace(" ", "-").replace(":", "-")
             if point_dir.exists():
@@ -265,7 +273,8 @@ def section(results: dict, command: str) -> str:
         "(PyTorch, no adapter) from training's evaluation of the same examples. Ratios are against the fp16 PEFT "
         "adapter (2 bytes per parameter): `file` = the adapter file, `package` = the signed OTA package of it. "
         "`int8`/`int4`/`mixed:X` = `compress --bits B --budget 0` (weight-space widths); `output E` = `compress "
-        f"--target-error E` (output-aware); `default` = `compress` with no flags (target error "
+        f"--target-error E` (output-aware); `+ recover` adds `--recover {RECOVER_STEPS}` (scale distillation on the "
+        "built-in calibration text); `default` = `compress` with no flags (target error "
         f"{DEFAULT_TARGET_ERROR:g}), cross-checked with PEFT on its `--as-peft` expansion.",
         "",
     ]

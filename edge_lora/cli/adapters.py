@@ -92,6 +92,9 @@ def add_compress(sub, name: str) -> None:
                    help="layer (default): each module's error relative to its base layer's output energy; adapter: "
                         "raw output errors; fisher: each output channel weighted by how much the next-token loss "
                         "moves with it (one backward pass of the base)")
+    a.add_argument("--recover", type=int, default=0, metavar="STEPS",
+                   help="after allocation, distil the fp16 scales against the original adapter on the calibration "
+                        "text for STEPS steps (about a second each; same size). See BENCHMARKS.md for what it buys")
     p.add_argument("--budget", type=float, default=None,
                    help="weight-space mode: allowed relative Frobenius error ‖ΔW−ΔŴ‖/‖ΔW‖ (default 0.05)")
     p.add_argument("--energy", type=float, default=None,
@@ -156,11 +159,13 @@ def _compress(args) -> int:
         config = AllocateConfig(target_error=None if args.target_bits is not None else
                                 (args.target_error if args.target_error is not None else DEFAULT_TARGET_ERROR),
                                 target_bits=args.target_bits, weighting=args.weighting,
-                                group_size=args.group_size if args.group_size is not None else 64)
+                                group_size=args.group_size if args.group_size is not None else 64,
+                                recover_steps=args.recover)
         done = allocate_folder(args.adapter, args.out, config, base=args.calibrate,
                                calibration_text=args.calibration_text, as_peft=args.as_peft, force=args.force)
         return _print_done(args, done, quantized=True)
-    given = [f for f, v in (("--target-error", args.target_error), ("--target-bits", args.target_bits)) if v is not None]
+    given = [f for f, v in (("--target-error", args.target_error), ("--target-bits", args.target_bits),
+                            ("--recover", args.recover or None)) if v is not None]
     if given:
         raise ConfigError(f"{given[0]} is the output-aware mode's budget; {weight_space[0]} selects the weight-space "
                           "mode. Use one mode: drop one of them.")

@@ -419,12 +419,19 @@ def allocate_folder(adapter_dir, out, config: AllocateConfig = AllocateConfig(),
     source = f"{calibration_text}" if calibration_text else "built-in task-agnostic text (edge_lora.calibration)"
     metric = measure_output_metric(model, tokenizer, texts, list(adapter.modules), config.calibration_tokens,
                                    source, fisher=config.weighting == "fisher")
-    del model
     q, report = allocate(adapter, metric, config)
     markdown = "# Compression report\n\n" + summary(report) + "\n"
+    record = report.to_dict()
+    if config.recover_steps:
+        from edge_lora.stages import recover
+
+        q, recovered = recover.recover(q, adapter, model, tokenizer, texts, steps=config.recover_steps)
+        record["recover"] = recovered.to_dict()
+        markdown += "\n" + recover.summary(recovered) + "\n"
+    del model
     with atomic_folder(out) as tmp:
         q.save(tmp / QUANTIZED_FILE)
-        write_text_atomic(tmp / "report.json", json.dumps(report.to_dict(), indent=2) + "\n")
+        write_text_atomic(tmp / "report.json", json.dumps(record, indent=2) + "\n")
         write_text_atomic(tmp / "report.md", markdown)
         write_plot(report, tmp / PLOT_FILE)
         if as_peft is not None:
