@@ -41,10 +41,10 @@ SUITE_ADAPTERS = ("add-r16", "count-r16", "reverse-r16", "roman-r16", "roman-r16
 # compress --target-error E --weighting fisher; "recover" = compress --target-error E --recover RECOVER_STEPS;
 # "default" = compress.
 SETTINGS = (("int8", "uniform", 8), ("int4", "uniform", 4), ("mixed:2", "mixed", 2.0),
-            ("output 0.02", "output", 0.02), ("output 0.03", "output", 0.03), ("output 0.05", "output", 0.05),
-            ("output 0.1", "output", 0.1),
-            ("output 0.2", "output", 0.2), ("fisher 0.03", "fisher", 0.03), ("output 0.1 + recover", "recover", 0.1))
-RECOVER_STEPS = 60
+            ("output 0.01", "output", 0.01), ("output 0.02", "output", 0.02), ("output 0.03", "output", 0.03),
+            ("output 0.05", "output", 0.05), ("output 0.1", "output", 0.1), ("output 0.2", "output", 0.2),
+            ("fisher 0.03", "fisher", 0.03), ("output 0.1 + recover", "recover", 0.1))
+RECOVER_STEPS = 30   # measured on roman-r16 at output 0.1: held-out KL 0.042 → 0.020 by step 30, 0.018 at 60
 
 
 def log(msg: str) -> None:
