@@ -85,7 +85,7 @@ def add_compress(sub, name: str) -> None:
     a = p.add_argument_group("output-aware allocation (the default)")
     a.add_argument("--target-error", type=float, default=None,
                    help=f"estimated relative output error allowed (default {DEFAULT_TARGET_ERROR:g}: on the demo suite "
-                        "it kept ≥ 98.4%% task retention on every adapter; see BENCHMARKS.md)")
+                        "it kept ≥ 99.7%% task retention on every adapter; see BENCHMARKS.md)")
     a.add_argument("--target-bits", type=float, default=None,
                    help="instead of --target-error: a size budget in bits per original parameter (e.g. 1.0)")
     a.add_argument("--weighting", choices=ALLOCATE_WEIGHTINGS, default="layer",
