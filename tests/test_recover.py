@@ -13,15 +13,15 @@ from edge_lora.stages import allocate as al
 from edge_lora.stages import recover as rc
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+@pytest.fixture(scope="module", params=["llama-all7", "llama-lora-bias"])
+def setup(request, tmp_path_factory):
     from edge_lora.adapter import load_peft
     from edge_lora.base import load_base, tiny_model
     from tests.conftest import ADAPTER_TABLE, make_peft_adapter
     from tests.test_cli import with_tokenizer
 
     tmp = tmp_path_factory.mktemp("recover")
-    kind, kwargs = ADAPTER_TABLE["llama-all7"]
+    kind, kwargs = ADAPTER_TABLE[request.param]
     make_peft_adapter(kind, kwargs, tmp / "adapter")
     tiny_model(kind).save_pretrained(tmp / "base0")
     base = with_tokenizer(tmp / "base0", tmp / "base")
@@ -45,7 +45,10 @@ def _kl_with_peft(tmp, model, tok, texts, q) -> float:
     student = copy.deepcopy(model)
     with torch.no_grad():
         for n, m in q.expanded.modules.items():
-            student.get_submodule(n).weight += m.B @ m.A
+            layer = student.get_submodule(n)
+            layer.weight += m.B @ m.A
+            if m.bias is not None:   # lora_bias, scale folded in (the base layers here have no bias of their own)
+                layer.bias = torch.nn.Parameter(m.bias.clone() + (layer.bias if layer.bias is not None else 0))
     teacher = PeftModel.from_pretrained(copy.deepcopy(model), tmp / "adapter").eval()
     total, count = 0.0, 0
     with torch.no_grad():

@@ -97,7 +97,8 @@ def recover(quantized: QuantizedAdapter, adapter: Adapter, model, tokenizer, tex
         raise ConfigError(f"recover: the calibration text gives {sum(len(c) for c in chunks)} tokens; recovery "
                           f"needs at least {4 * SEQ_LEN} (four chunks of {SEQ_LEN}). Give more text.")
     rows = {n: (_Rows.of(q.B_rows), _Rows.of(q.A_rows)) for n, q in quantized.modules.items()}
-    teacher = {n: (m.B.float() * m.scale, m.A.float(), None if m.bias is None else m.bias.float())
+    # PEFT adds lora_bias as scale · bias; the quantized modules store it with the scale folded in
+    teacher = {n: (m.B.float() * m.scale, m.A.float(), None if m.bias is None else m.bias.float() * m.scale)
                for n, m in adapter.modules.items()}
     missing = sorted(set(rows) - set(teacher))
     if missing:
