@@ -273,8 +273,10 @@ def section(results: dict, command: str) -> str:
         "(PyTorch, no adapter) from training's evaluation of the same examples. Ratios are against the fp16 PEFT "
         "adapter (2 bytes per parameter): `file` = the adapter file, `package` = the signed OTA package of it. "
         "`int8`/`int4`/`mixed:X` = `compress --bits B --budget 0` (weight-space widths); `output E` = `compress "
-        f"--target-error E` (output-aware); `+ recover` adds `--recover {RECOVER_STEPS}` (scale distillation on the "
-        "built-in calibration text); `default` = `compress` with no flags (target error "
+        f"--target-error E` (output-aware);"
+        + (f" `+ recover` adds `--recover {RECOVER_STEPS}` (scale distillation on the built-in calibration text);"
+           if any(p["kind"] == "recover" for r in results["adapters"] for p in r["points"]) else "")
+        + f" `default` = `compress` with no flags (target error "
         f"{DEFAULT_TARGET_ERROR:g}), cross-checked with PEFT on its `--as-peft` expansion.",
         "",
     ]

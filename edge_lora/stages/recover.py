@@ -25,7 +25,7 @@ import torch
 from edge_lora.adapter import Adapter
 from edge_lora.adapter.quantized import QuantizedAdapter, QuantizedModule
 from edge_lora.errors import ConfigError
-from edge_lora.formats.quantized_factors import QuantizedRows
+from edge_lora.formats.quantized_factors import QuantizedRows, dequantize_row
 from edge_lora.report import StageReport
 
 SEQ_LEN = 128     # tokens per chunk
@@ -48,15 +48,14 @@ class _Rows:
     @classmethod
     def of(cls, rows: QuantizedRows) -> "_Rows":
         live = np.flatnonzero(rows.bits > 0)
-        d, g = rows.d, rows.group_size
         if rows.zeros is not None:
             raise ConfigError("recovery tunes symmetric codes (what output-aware allocation writes); this adapter "
                               "has asymmetric zero points.")
-        centred = np.zeros((len(live), d), dtype=np.float32)
+        # the format's own decoder with unit scales gives code − offset
+        ones = np.ones(rows.scales.shape[1], dtype=np.float32)
+        centred = np.zeros((len(live), rows.d), dtype=np.float32)
         for j, i in enumerate(live):
-            b = int(rows.bits[i])
-            offset = (1 << (b - 1)) - 1 if b > 1 else 0.5
-            centred[j] = rows.codes[i].astype(np.float32) - offset
+            centred[j] = dequantize_row(rows.codes[i], ones, None, int(rows.bits[i]), rows.group_size)
         scales = torch.from_numpy(rows.scales[live].astype(np.float32))
         return cls(rows=rows, live=live, centred=torch.from_numpy(centred), scales=scales,
                    mult=torch.nn.Parameter(torch.ones_like(scales)))
