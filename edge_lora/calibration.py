@@ -77,3 +77,44 @@ TEXTS: tuple[str, ...] = (
     "My grandmother's advice was always the same: save a little every week, never lend what you cannot lose, and "
     "write your letters by hand. I have kept two of the three.",
 )
+
+
+def complete(model, tokenizer, adapter, prompts: list[str], max_new_tokens: int, batch_size: int = 32) -> list[str]:
+    """Each prompt followed by the adapted model's own greedy completion (up to ``max_new_tokens``, to a newline).
+
+    The error that matters is the one where the adapter answers; prompts alone never reach those positions. The
+    completions come from ``adapter`` on ``model`` (its base, by forward hooks that add ΔW·x, removed on return),
+    so they need no labels: only the user's prompts.
+    """
+    import torch
+
+    from edge_lora.errors import AdapterError
+    from edge_lora.eval import torch_greedy_generate
+
+    hooks = []
+
+    def hook_for(m):
+        B, A = m.B.float() * m.scale, m.A.float()
+        bias = None if m.bias is None else m.bias.float() * m.scale
+
+        def hook(_module, inputs, output):
+            delta = (inputs[0] @ A.T) @ B.T
+            return output + (delta + bias if bias is not None else delta)
+        return hook
+
+    try:
+        for name, m in adapter.modules.items():
+            layer = model.get_submodule(name)
+            layer = getattr(layer, "base_layer", layer)
+            if not isinstance(layer, torch.nn.Linear):
+                raise AdapterError(f"{name}: completing calibration prompts covers Linear layers; this one is "
+                                   f"{type(layer).__name__}. Give finished calibration text instead.")
+            hooks.append(layer.register_forward_hook(hook_for(m)))
+        out = []
+        for i in range(0, len(prompts), batch_size):
+            batch = prompts[i:i + batch_size]
+            out += [p + c.rstrip("\n") for p, c in zip(batch, torch_greedy_generate(model, tokenizer, batch, max_new_tokens))]
+        return out
+    finally:
+        for h in hooks:
+            h.remove()

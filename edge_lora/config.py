@@ -321,6 +321,9 @@ class AllocateConfig:
     # after allocation, distil the fp16 scales against the original adapter for this many steps (stages/recover.py;
     # 0: off). Same codes, same size; about 5 s per step for SmolLM2-135M on 2 cores (measured).
     recover_steps: int = 0
+    # treat each calibration text as a prompt and append the original adapter's greedy completion of up to this
+    # many tokens before measuring (0: off): the error then counts where the adapter answers, not only where it reads
+    complete_tokens: int = 0
 
     def __post_init__(self):
         if (self.target_error is None) == (self.target_bits is None):
@@ -338,6 +341,7 @@ class AllocateConfig:
         _choice("allocate", "weighting", self.weighting, ALLOCATE_WEIGHTINGS)
         _integer("allocate", "calibration_tokens", self.calibration_tokens, 16)
         _integer("allocate", "recover_steps", self.recover_steps, 0)
+        _integer("allocate", "complete_tokens", self.complete_tokens, 0)
 
 
 # The profile file's tables, one per stage, in the order a profile runs them. A literal: a stage's config is

@@ -275,3 +275,33 @@ def test_compress_recover_distils_the_scales_and_reports_it(tiny, tmp_path):
     out = run_cli("compress", adapter, "--out", tmp_path / "d", "--bits", "4", "--recover", "5")
     assert_clean_error(out, "--recover", "--bits", "one mode")
     assert not (tmp_path / "d").exists()
+
+
+def test_compress_complete_measures_on_the_adapters_own_answers(tiny, tmp_path):
+    base, adapter = tiny
+    base = with_tokenizer(base, tmp_path / "b")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(" ".join(f"w{(5 * i + j) % 120}" for j in range(12)) for i in range(40)) + "\n")
+    out = run_cli("compress", adapter, "--out", tmp_path / "c", "--calibrate", base, "--calibration-text", prompts,
+                  "--complete", "4")
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads((tmp_path / "c" / "report.json").read_text())
+    assert "completed by the adapter (≤ 4 tokens)" in report["metrics"]["calibration"]
+    plain = run_cli("compress", adapter, "--out", tmp_path / "p", "--calibrate", base, "--calibration-text", prompts)
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    tokens = json.loads((tmp_path / "p" / "report.json").read_text())["metrics"]["calibration_tokens"]
+    assert report["metrics"]["calibration_tokens"] > tokens   # the answers were measured too
+    out = run_cli("compress", adapter, "--out", tmp_path / "r", "--calibrate", base, "--recover", "2",
+                  "--recover-text", prompts, "--complete", "4")
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert report["metrics"]["calibration"].startswith("built-in")   # the allocation kept the built-in text
+    assert report["recover"]["text"] == f"{prompts}, each line completed by the adapter (≤ 4 tokens)"
+    out = run_cli("compress", adapter, "--out", tmp_path / "d", "--calibrate", base, "--complete", "4")
+    assert_clean_error(out, "--complete", "--calibration-text")
+    out = run_cli("compress", adapter, "--out", tmp_path / "d", "--calibrate", base, "--recover-text", prompts)
+    assert_clean_error(out, "--recover-text", "--recover STEPS")
+    out = run_cli("compress", adapter, "--out", tmp_path / "d", "--calibrate", base, "--recover", "2",
+                  "--recover-text", tmp_path / "missing.txt")
+    assert_clean_error(out, "--recover-text", "missing.txt", "no such file")
+    assert not (tmp_path / "d").exists()

@@ -83,3 +83,28 @@ def test_recovery_needs_enough_text(setup):
         rc.recover(q, adapter, model, tok, ["w1 w2 w3"], steps=5)
     with pytest.raises(ConfigError, match="steps"):
         rc.recover(q, adapter, model, tok, ["w1 w2 w3"], steps=0)
+
+
+def test_complete_appends_what_peft_generates_and_leaves_the_base_alone(setup):
+    """Calibration prompts completed by the adapter (edge_lora.calibration.complete): the completion is PEFT's own
+    greedy answer with the original adapter, and the base computes as before afterwards."""
+    import copy
+
+    from peft import PeftModel
+
+    from edge_lora.calibration import complete
+    from edge_lora.eval import torch_greedy_generate
+
+    tmp, model, tok, adapter, _, _ = setup
+    prompts = ["w1 w2 w3", "w40 w7", "w99 w98 w97 w96"]
+    ids = tok(prompts[0], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    peft = PeftModel.from_pretrained(copy.deepcopy(model), tmp / "adapter").eval()
+    expected = torch_greedy_generate(peft, tok, prompts, 6)
+    plain = torch_greedy_generate(model, tok, prompts, 6)
+    got = complete(model, tok, adapter, prompts, 6, batch_size=2)
+    assert got == [p + c.rstrip("\n") for p, c in zip(prompts, expected)]
+    assert expected != plain   # the adapter changes the answers, so the test can tell them apart
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, before)

@@ -32,7 +32,7 @@ def test_prompts_carry_no_instruction_and_no_answer(name):
     for e in tasks.make_examples(name, 200, seed=0, split="test"):
         assert e.prompt.endswith(tasks.ARROW) and e.target.startswith(" ")
         assert scorer.prompt_text(e) == e.prompt and scorer.target_text(e) == e.target
-        if name in ("add", "roman"):
+        if name in ("add", "roman", "vote"):
             assert e.target.strip() not in e.prompt.split()
 
 
@@ -52,6 +52,12 @@ def test_targets_are_right():
         assert e.target.strip() == ("same" if a + b == c else "smaller" if a + b < c else "larger")
     for e in tasks.make_examples("roman", 200, split="train"):
         assert e.target.strip() == tasks.roman(int(e.item))
+    for e in tasks.make_examples("vote", 300, split="train"):
+        words = e.prompt.removesuffix(tasks.ARROW).replace(",", "").split()
+        yes = sum(w in ("yes", "for", "aye") for w in words)
+        no = sum(w in ("no", "against", "nay") for w in words)
+        assert yes + no == len(words) == len(e.item)
+        assert e.target.strip() == ("passed" if yes > no else "rejected" if yes < no else "tied")
 
 
 def test_number_words_and_roman_numerals():
@@ -72,5 +78,5 @@ def test_unknown_task_and_split_are_refused():
 
 
 def test_the_date_task_is_in_the_registry_but_not_the_suite():
-    assert tasks.SUITE == ("add", "count", "reverse", "roman")
+    assert tasks.SUITE == ("add", "count", "reverse", "roman", "vote")
     assert tasks.make_examples("date-iso", 5, split="test") == scorer.make_examples(5, split="test")

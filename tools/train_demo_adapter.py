@@ -1,5 +1,5 @@
 """Train the demo LoRA adapters on SmolLM2-135M-Instruct: the date-to-ISO task (edge_lora.eval) and the suite
-of tasks that can fail (edge_lora.tasks.SUITE: add, count, reverse, roman; also numwords, compare, sentiment and
+of tasks that can fail (edge_lora.tasks.SUITE: add, count, reverse, roman, vote; also numwords, compare, sentiment and
 compare-sum, measured unfit).
 
     python tools/train_demo_adapter.py                       # date-iso-r16: rank 16 on all 7 projections

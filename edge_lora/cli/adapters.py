@@ -95,6 +95,13 @@ def add_compress(sub, name: str) -> None:
     a.add_argument("--recover", type=int, default=0, metavar="STEPS",
                    help="after allocation, distil the fp16 scales against the original adapter on the calibration "
                         "text for STEPS steps (about 5 s each for SmolLM2-135M on 2 cores; same size)")
+    a.add_argument("--recover-text", metavar="FILE",
+                   help="with --recover: the text recovery tunes on (one text or prompt per line), e.g. your prompts "
+                        "with --complete; default: the calibration text")
+    a.add_argument("--complete", type=int, default=0, metavar="TOKENS",
+                   help="treat each line of --calibration-text / --recover-text as a prompt and append the original "
+                        "adapter's own greedy answer (up to TOKENS tokens) before using it, so errors count where "
+                        "the adapter answers; needs only prompts, no labels")
     p.add_argument("--budget", type=float, default=None,
                    help="weight-space mode: allowed relative Frobenius error ‖ΔW−ΔŴ‖/‖ΔW‖ (default 0.05)")
     p.add_argument("--energy", type=float, default=None,
@@ -160,12 +167,15 @@ def _compress(args) -> int:
                                 (args.target_error if args.target_error is not None else DEFAULT_TARGET_ERROR),
                                 target_bits=args.target_bits, weighting=args.weighting,
                                 group_size=args.group_size if args.group_size is not None else 64,
-                                recover_steps=args.recover)
+                                recover_steps=args.recover, complete_tokens=args.complete)
         done = allocate_folder(args.adapter, args.out, config, base=args.calibrate,
-                               calibration_text=args.calibration_text, as_peft=args.as_peft, force=args.force)
+                               calibration_text=args.calibration_text, as_peft=args.as_peft, force=args.force,
+                               recover_text=args.recover_text)
         return _print_done(args, done, quantized=True)
     given = [f for f, v in (("--target-error", args.target_error), ("--target-bits", args.target_bits),
-                            ("--recover", args.recover or None)) if v is not None]
+                            ("--recover", args.recover or None), ("--complete", args.complete or None),
+                            ("--recover-text", args.recover_text))
+             if v is not None]
     if given:
         raise ConfigError(f"{given[0]} belongs to the output-aware mode; {weight_space[0]} selects the weight-space "
                           "mode. Use one mode: drop one of them.")

@@ -390,10 +390,12 @@ def base_for(adapter: Adapter, adapter_dir, base) -> str:
 
 
 def allocate_folder(adapter_dir, out, config: AllocateConfig = AllocateConfig(), base=None, calibration_text=None,
-                    as_peft=None, force: bool = False):
+                    as_peft=None, force: bool = False, recover_text=None):
     """``python -m edge_lora compress ADAPTER --out DIR`` (no --budget/--bits): measure the output metric on the
     base over the calibration text, allocate, and write DIR/quantized.safetensors, report.json, report.md and the
-    size-versus-error plot, into a temporary folder renamed into place at the end (nothing half-written)."""
+    size-versus-error plot, into a temporary folder renamed into place at the end (nothing half-written).
+    ``recover_text``: a file of text (prompts, with ``complete_tokens``) for recovery only; default: the
+    calibration text."""
     import json
     from pathlib import Path
 
@@ -409,7 +411,13 @@ def allocate_folder(adapter_dir, out, config: AllocateConfig = AllocateConfig(),
         if folder is not None and Path(folder).exists() and not force:
             raise EdgeLoraError(f"{flag} {folder} already exists; choose another folder or pass --force to "
                                 "replace it.")
+    if config.complete_tokens and calibration_text is None and recover_text is None:
+        raise ConfigError("--complete appends the adapter's answers to your prompts: give them with "
+                          "--calibration-text FILE or --recover-text FILE (one prompt per line).")
+    if recover_text is not None and not config.recover_steps:
+        raise ConfigError("--recover-text is the text recovery tunes on; it needs --recover STEPS.")
     texts = calibration_texts(calibration_text)
+    tuning = calibration_texts(recover_text, "--recover-text") if recover_text is not None else None
     adapter = load_peft(adapter_dir)
     base_spec = base_for(adapter, adapter_dir, base)
     model, tokenizer = load_base(base_spec)
@@ -417,6 +425,15 @@ def allocate_folder(adapter_dir, out, config: AllocateConfig = AllocateConfig(),
         raise ModelError(f"{base_spec}: the base has no tokenizer files to encode calibration text; pass the HF "
                          "folder that holds them (tokenizer.json / tokenizer_config.json).")
     source = f"{calibration_text}" if calibration_text else "built-in task-agnostic text (edge_lora.calibration)"
+    if config.complete_tokens:
+        from edge_lora.calibration import complete
+
+        answered = f", each line completed by the adapter (≤ {config.complete_tokens} tokens)"
+        if calibration_text is not None:
+            texts = complete(model, tokenizer, adapter, texts, config.complete_tokens)
+            source += answered
+        if tuning is not None:
+            tuning = complete(model, tokenizer, adapter, tuning, config.complete_tokens)
     metric = measure_output_metric(model, tokenizer, texts, list(adapter.modules), config.calibration_tokens,
                                    source, fisher=config.weighting == "fisher")
     q, report = allocate(adapter, metric, config)
@@ -425,8 +442,11 @@ def allocate_folder(adapter_dir, out, config: AllocateConfig = AllocateConfig(),
     if config.recover_steps:
         from edge_lora.stages import recover
 
-        q, recovered = recover.recover(q, adapter, model, tokenizer, texts, steps=config.recover_steps)
+        q, recovered = recover.recover(q, adapter, model, tokenizer, tuning if tuning is not None else texts,
+                                       steps=config.recover_steps)
         record["recover"] = recovered.to_dict()
+        record["recover"]["text"] = (str(recover_text) + (answered if config.complete_tokens else "")
+                                     if recover_text is not None else source)
         markdown += "\n" + recover.summary(recovered) + "\n"
     del model
     with atomic_folder(out) as tmp:

@@ -655,23 +655,24 @@ def factor_quant_config(bits: str | None, group_size: int | None = None, asymmet
                              symmetric=not asymmetric)
 
 
-def calibration_texts(path: str | os.PathLike | None) -> list[str]:
-    """The non-empty lines of ``--calibration-text`` (default: the task-agnostic text of edge_lora.calibration)."""
+def calibration_texts(path: str | os.PathLike | None, flag: str = "--calibration-text") -> list[str]:
+    """The non-empty lines of ``--calibration-text`` (default: the task-agnostic text of edge_lora.calibration);
+    ``flag``: the option the file came from, for the error messages."""
     if path is None:
         from edge_lora.calibration import TEXTS
 
         return list(TEXTS)
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"--calibration-text {path}: no such file; pass a UTF-8 text file (one calibration text "
+        raise ConfigError(f"{flag} {path}: no such file; pass a UTF-8 text file (one calibration text "
                           "per line), or leave the flag out to use the built-in task-agnostic text.")
     try:
         texts = [t for t in path.read_text(encoding="utf-8").splitlines() if t.strip()]
     except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"--calibration-text {path} cannot be read as UTF-8 text ({exc}); pass a plain text "
+        raise ConfigError(f"{flag} {path} cannot be read as UTF-8 text ({exc}); pass a plain text "
                           "file, one calibration text per line.") from exc
     if not texts:
-        raise ConfigError(f"--calibration-text {path} has no non-empty lines; give a few hundred tokens of text "
+        raise ConfigError(f"{flag} {path} has no non-empty lines; give a few hundred tokens of text "
                           "like the adapter's inputs.")
     return texts
 

@@ -75,8 +75,8 @@ class _Rows:
 
 def _chunks(tokenizer, texts: list[str], max_tokens: int) -> list[torch.Tensor]:
     ids: list[int] = []
-    for text in texts:
-        ids += tokenizer(text)["input_ids"]
+    for text in texts:   # one text per line, as they were given: short prompts must not run into each other
+        ids += tokenizer(text + "\n")["input_ids"]
         if len(ids) >= max_tokens:
             break
     ids = ids[:max_tokens]
