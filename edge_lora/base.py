@@ -122,10 +122,15 @@ def resolve_base(spec: str | os.PathLike) -> Path:
                      f"{', '.join(DEMO_BASES)}.")
 
 
+# decoder-only model types, for configs that name no architectures (built in code, or a hand-written config.json)
+DECODER_TYPES = frozenset({"llama", "mistral", "mixtral", "qwen2", "qwen3", "phi", "phi3", "gemma", "gemma2",
+                           "gemma3_text", "granite", "olmo", "olmo2", "gpt2", "gpt_neox", "falcon", "bloom", "opt",
+                           "stablelm", "starcoder2", "cohere", "smollm3"})
+
+
 def is_causal_lm(config) -> bool:
     archs = getattr(config, "architectures", None) or []
-    return any(a.endswith("ForCausalLM") for a in archs) or config.model_type in {"llama", "qwen2", "mistral",
-                                                                                 "gpt2", "phi3"}
+    return any(a.endswith("ForCausalLM") for a in archs) or config.model_type in DECODER_TYPES
 
 
 def load_base(spec: str | os.PathLike, dtype=None):
@@ -172,6 +177,9 @@ def load_tokenizer(folder: str | os.PathLike):
                          "save_pretrained), or remove them all to use the folder as a weights-only base.") from exc
 
 
+TINY_DECODERS = ("gemma", "gemma2", "gemma3_text", "qwen2", "qwen3", "mistral", "granite", "olmo2", "phi3")
+
+
 def tiny_model(kind: str = "llama", seed: int = 0):
     """A 2-layer random model of a real architecture, for fast tests. Deterministic for a seed."""
     import torch
@@ -190,8 +198,16 @@ def tiny_model(kind: str = "llama", seed: int = 0):
     elif kind == "gpt2":  # Conv1D layers: LoRA needs fan_in_fan_out
         config = GPT2Config(vocab_size=128, n_embd=32, n_layer=2, n_head=4, n_positions=64)
         model = GPT2LMHeadModel(config)
+    elif kind in TINY_DECODERS:   # scaled embeddings, soft-capping, sliding windows: what differs is theirs
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        config = AutoConfig.for_model(kind, vocab_size=128, hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                      head_dim=8, max_position_embeddings=64, pad_token_id=0)
+        model = AutoModelForCausalLM.from_config(config)
     else:
-        raise ModelError(f"Unknown tiny model kind {kind!r}; use 'llama', 'bert' or 'gpt2'.")
+        raise ModelError(f"Unknown tiny model kind {kind!r}; use one of: llama, bert, gpt2, "
+                         f"{', '.join(TINY_DECODERS)}.")
     return model.eval()
 
 

@@ -19,6 +19,9 @@ class OrtCausalLM:
         self.run_options = run_options
         self.output_names = [o.name for o in session.get_outputs()]
         self.past_names = [i.name for i in session.get_inputs() if i.name.startswith("past_key_values")]
+        # Some exports (optimum's Gemma) take no position_ids and count positions from 0 in every row, so a
+        # left-padded row would run at shifted positions: such graphs decode prompts of one length at a time.
+        self.takes_positions = "position_ids" in {i.name for i in session.get_inputs()}
 
     def _run(self, feeds):
         outs = self.session.run(self.output_names, feeds, self.run_options)
@@ -31,7 +34,9 @@ class OrtCausalLM:
     def step(self, input_ids, attention_mask, past):
         """One decode step. ``past`` maps past_key_values.* names to arrays (empty on the first step)."""
         positions = np.clip(attention_mask.cumsum(-1) - 1, 0, None)[:, -input_ids.shape[1]:]
-        feeds = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": positions, **past}
+        feeds = {"input_ids": input_ids, "attention_mask": attention_mask, **past}
+        if self.takes_positions:
+            feeds["position_ids"] = positions
         out = self._run(feeds)
         new_past = {name: out[name.replace("past_key_values", "present")] for name in self.past_names}
         return out["logits"][:, -1, :], new_past
@@ -39,6 +44,15 @@ class OrtCausalLM:
     def greedy_ids(self, prompt_ids: list[list[int]], max_new_tokens: int, pad_id: int = 0,
                    stop_ids: set[int] | None = None, stop_on_newline: bool = False) -> list[list[int]]:
         """Left-padded batched greedy decoding; returns the new token ids per row."""
+        lengths = {len(p) for p in prompt_ids}
+        if not self.takes_positions and len(lengths) > 1:
+            out: list[list[int]] = [[] for _ in prompt_ids]
+            for n in sorted(lengths):
+                rows = [i for i, p in enumerate(prompt_ids) if len(p) == n]
+                for i, ids in zip(rows, self.greedy_ids([prompt_ids[i] for i in rows], max_new_tokens, pad_id,
+                                                        stop_ids, stop_on_newline)):
+                    out[i] = ids
+            return out
         width = max(len(p) for p in prompt_ids)
         input_ids = np.array([[pad_id] * (width - len(p)) + list(p) for p in prompt_ids], dtype=np.int64)
         mask = np.array([[0] * (width - len(p)) + [1] * len(p) for p in prompt_ids], dtype=np.int64)

@@ -1,0 +1,74 @@
+"""Decoder architectures beyond the llama/gpt2 of the other tests (edge_lora.base.TINY_DECODERS: Gemma's scaled
+embeddings and an export without position_ids, Gemma-2's soft-capping and sliding window, Phi-3's fused qkv_proj /
+gate_up_proj, ...), each with a LoRA on every linear layer, in the style of PEFT's merge tests: merged ==
+hot-swap == PyTorch + PEFT, no adapter == the base, and greedy decoding of a left-padded batch == PEFT row by
+row."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_peft_adapter
+
+from edge_lora.adapter import load_peft
+from edge_lora.base import TINY_DECODERS, tiny_model
+from edge_lora.config import ExportConfig
+from edge_lora.runtimes.hotswap import HotswapSession
+from edge_lora.runtimes.ort_generate import OrtCausalLM
+from edge_lora.runtimes.ort_session import full_feeds, load_session
+from edge_lora.stages.export_onnx import ADAPTER_FILE, export_hotswap, export_merged
+from edge_lora.stages.merge import merge
+
+IDS = np.random.default_rng(1).integers(0, 128, size=(2, 9))
+PROMPTS = [[5, 17, 99], [3, 1, 4, 1, 5, 9, 2], [42], [7, 7, 7]]   # different lengths: the batch is left-padded
+
+
+@pytest.fixture(scope="module", params=TINY_DECODERS)
+def arch(request, tmp_path_factory):
+    kind = request.param
+    tmp = tmp_path_factory.mktemp(kind)
+    peft = make_peft_adapter(kind, dict(r=4, lora_alpha=8, target_modules="all-linear"), tmp / "adapter")
+    adapter = load_peft(tmp / "adapter")
+    merged_dir, base_dir, hot_dir = tmp / "merged", tmp / "base", tmp / "hotswap"
+    for d in (merged_dir, base_dir, hot_dir):
+        d.mkdir()
+    export_merged(merge(tiny_model(kind), adapter)[0], None, merged_dir)
+    export_merged(tiny_model(kind), None, base_dir)
+    export_hotswap(tiny_model(kind), None, adapter, hot_dir, config=ExportConfig(mode="hotswap"))
+    return kind, peft, merged_dir, base_dir, hot_dir
+
+
+def _logits(session, run_options=None) -> np.ndarray:
+    return session.run(["logits"], full_feeds(session, IDS), run_options)[0]
+
+
+def test_merged_equals_hotswap_equals_peft_and_no_adapter_is_the_base(arch):
+    kind, peft, merged_dir, base_dir, hot_dir = arch
+    with torch.no_grad():
+        expected = peft(input_ids=torch.from_numpy(IDS)).logits.numpy()
+        with peft.disable_adapter():
+            base = peft(input_ids=torch.from_numpy(IDS)).logits.numpy()
+    hot = HotswapSession(hot_dir)
+    np.testing.assert_allclose(_logits(load_session(merged_dir)), expected, rtol=1e-4, atol=2e-5, err_msg=kind)
+    np.testing.assert_allclose(_logits(hot.session), _logits(load_session(base_dir)), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(_logits(hot.session), base, rtol=1e-4, atol=2e-5)
+    hot.load_adapter("x", hot_dir / ADAPTER_FILE)
+    np.testing.assert_allclose(_logits(hot.session, hot.run_options("x")), expected, rtol=1e-4, atol=2e-5)
+    assert not np.allclose(expected, base, atol=1e-3)   # the adapter changes the outputs, so this can fail
+
+
+def _peft_greedy(peft, prompt: list[int], n: int) -> list[int]:
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            ids.append(int(peft(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+def test_left_padded_greedy_decoding_equals_peft_row_by_row(arch):
+    kind, peft, _, _, hot_dir = arch
+    hot = HotswapSession(hot_dir)
+    hot.load_adapter("x", hot_dir / ADAPTER_FILE)
+    got = OrtCausalLM(hot.session, run_options=hot.run_options("x")).greedy_ids(PROMPTS, 6)
+    assert got == [_peft_greedy(peft, p, 6) for p in PROMPTS], kind
