@@ -56,6 +56,7 @@ class RunContext:
     meta_on_disk: ExportMeta | None = None   # the ExportMeta last written to work_dir (the pipeline writes changes)
     reports: list[StageReport] = field(default_factory=list)
     progress: Callable[[str], None] = lambda text: None
+    eval_data: Any = None              # edge_lora.eval_data.EvalData (--eval-data), read before anything is written
 
     def relative(self, path) -> str | None:
         """``path`` relative to the export folder (the same before and after its rename: same parent)."""
@@ -168,7 +169,8 @@ def _quantize(ctx: RunContext, config) -> StageReport:
 
 def _validate(ctx: RunContext, config) -> StageReport:
     reference = reference_model(ctx.base_path, ctx.reference_adapter or ctx.adapter_path)
-    inp = validate.ValidateInput(ctx.work_dir, reference, ctx.tokenizer, ctx.export_meta, ctx.progress)
+    inp = validate.ValidateInput(ctx.work_dir, reference, ctx.tokenizer, ctx.export_meta, ctx.progress,
+                                 ctx.eval_data)
     _, report = validate.run(inp, config)
     report.input_hash = ctx.reports[-1].output_hash if ctx.reports else None
     return report
@@ -253,18 +255,23 @@ def _commit(tmp: Path, out: Path) -> None:
 
 
 def run_export(base: str, adapter: str | os.PathLike, profile: str | Profile, out: str | os.PathLike,
-               force: bool = False, overrides: list[str] | None = None, show_progress: bool = True) -> dict:
-    """Run the profile's stages; returns the report dict. Raises BudgetError (after writing) on a miss."""
+               force: bool = False, overrides: list[str] | None = None, show_progress: bool = True,
+               eval_data: str | os.PathLike | None = None) -> dict:
+    """Run the profile's stages; returns the report dict. Raises BudgetError (after writing) on a miss.
+    ``eval_data``: the user's evaluation file (edge_lora.eval_data) that validation scores on."""
     profile = profile if isinstance(profile, Profile) else load_profile(profile, overrides)
+    data = _eval_data(eval_data, profile)
     out = Path(out)
     tmp = _atomic_folder(out, force)
-    ctx = RunContext(profile=profile, base_spec=str(base), adapter_path=Path(adapter).resolve(), work_dir=tmp)
+    ctx = RunContext(profile=profile, base_spec=str(base), adapter_path=Path(adapter).resolve(), work_dir=tmp,
+                     eval_data=data)
     started = time.perf_counter()
     try:
         with _progress_display(show_progress) as (start, say):
             ctx.progress = say
             start("load adapter + base")
             _run_stage(ctx, "load", lambda: _load(ctx))
+            _check_eval_data(ctx)
             _run_stage(ctx, "quantize_adapter", lambda: _quantize_adapter(ctx))
             for name in profile.stages:
                 start(name)
@@ -277,6 +284,25 @@ def run_export(base: str, adapter: str | os.PathLike, profile: str | Profile, ou
             shutil.rmtree(tmp, ignore_errors=True)
     _raise_on_budget_miss(report, out)
     return report
+
+
+def _eval_data(path, profile: Profile):
+    if path is None:
+        return None
+    from edge_lora.eval_data import EvalDataError, load_eval_data
+
+    if "validate" not in profile.stages:
+        raise EvalDataError(f"--eval-data {path}: profile {profile.name!r} has no validate stage to use it.")
+    return load_eval_data(path)
+
+
+def _check_eval_data(ctx: RunContext) -> None:
+    """Prompts that do not fit the model fail here, before anything is exported."""
+    if ctx.eval_data is not None:
+        from edge_lora.stages.validate import _max_positions, check_eval_data
+
+        check_eval_data(ctx.eval_data, ctx.tokenizer, _max_positions(ctx.model.config),
+                        ctx.profile.config("validate"))
 
 
 def _raise_on_budget_miss(report: dict, out: Path) -> None:
@@ -350,8 +376,10 @@ def render_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_validate(folder: str | os.PathLike, overrides: list[str] | None = None, show_progress: bool = True) -> dict:
-    """Re-run validation of an existing export folder and update its report (same budgets, plus --set)."""
+def run_validate(folder: str | os.PathLike, overrides: list[str] | None = None, show_progress: bool = True,
+                 eval_data: str | os.PathLike | None = None) -> dict:
+    """Re-run validation of an existing export folder and update its report (same budgets, plus --set);
+    ``eval_data``: the user's evaluation file, as for :func:`run_export`."""
     from edge_lora.base import DEMO_BASES
     from edge_lora.config import parse_overrides, parse_profile
     from edge_lora.errors import ExportMetaError
@@ -378,6 +406,7 @@ def run_validate(folder: str | os.PathLike, overrides: list[str] | None = None, 
                      reference_adapter=meta.path("reference_adapter") or adapter_path,
                      base_path=base_path, base_sha256=meta.base_sha256, adapter_sha256=meta.adapter_sha256,
                      export_meta=meta, meta_on_disk=meta)
+    ctx.eval_data = _eval_data(eval_data, profile) if eval_data is not None else None
     started = time.perf_counter()
     with _progress_display(show_progress) as (start, say):
         ctx.progress = say

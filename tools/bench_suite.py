@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -229,7 +230,7 @@ def run(adapters, n_examples: int, work: Path, settings=SETTINGS) -> dict:
             t0 = time.perf_counter()
             q = make(setting, original, output_metric(), tables, model, tokenizer, task_name)
             make_s = time.perf_counter() - t0
-            point_dir = work / name / label.replace(" ", "-").replace(":", "-")
+            point_dir = work / name / re.sub(r"[^A-Za-z0-9._]+", "-", label)   # also a valid package id
             if point_dir.exists():
                 shutil.rmtree(point_dir)
             point_dir.mkdir(parents=True)

@@ -4,7 +4,7 @@ validation of an export folder)."""
 from __future__ import annotations
 
 VALIDATE_KEYS = ("top1_agreement", "mean_kl", "generation_agreement", "exact_match_reference",
-                 "exact_match_candidate", "hidden_rel_error")
+                 "exact_match_candidate", "task_score_reference", "task_score_candidate", "hidden_rel_error")
 
 
 def add_export(sub, name: str) -> None:
@@ -27,6 +27,9 @@ def add_export(sub, name: str) -> None:
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="STAGE.KEY=VALUE",
                    help="override one profile key, e.g. --set validate.task_examples=64 (repeatable)")
+    p.add_argument("--eval-data", metavar="FILE", help="your own evaluation data: JSONL of {\"prompt\", \"completion\"} (optional \"metric\": exact, "
+                        "normalized or f1) for a task score against the reference, or plain text for the logit "
+                        "metrics only; the report names the file and its sha256")
     p.add_argument("--quiet", action="store_true", help="no progress display")
     p.set_defaults(func=_export)
 
@@ -42,6 +45,9 @@ def add_validate(sub, name: str) -> None:
     v.add_argument("dir", help="an export folder written by `python -m edge_lora export`")
     v.add_argument("--set", dest="overrides", action="append", default=[], metavar="validate.KEY=VALUE",
                    help="override a validation key, e.g. --set validate.min_top1_agreement=0.99 (repeatable)")
+    v.add_argument("--eval-data", metavar="FILE", help="your own evaluation data: JSONL of {\"prompt\", \"completion\"} (optional \"metric\": exact, "
+                        "normalized or f1) for a task score against the reference, or plain text for the logit "
+                        "metrics only; the report names the file and its sha256")
     v.add_argument("--quiet", action="store_true", help="no progress display")
     v.set_defaults(func=_validate)
 
@@ -61,7 +67,7 @@ def _export(args) -> int:
     from edge_lora.pipeline import run_export
 
     report = run_export(args.base, args.adapter, args.profile, args.out, force=args.force,
-                        overrides=args.overrides, show_progress=not args.quiet)
+                        overrides=args.overrides, show_progress=not args.quiet, eval_data=args.eval_data)
     _summary(report, args.out)
     return 0
 
@@ -69,6 +75,7 @@ def _export(args) -> int:
 def _validate(args) -> int:
     from edge_lora.pipeline import run_validate
 
-    report = run_validate(args.dir, overrides=args.overrides, show_progress=not args.quiet)
+    report = run_validate(args.dir, overrides=args.overrides, show_progress=not args.quiet,
+                          eval_data=args.eval_data)
     _summary(report, args.dir)
     return 0

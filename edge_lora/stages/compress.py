@@ -656,8 +656,9 @@ def factor_quant_config(bits: str | None, group_size: int | None = None, asymmet
 
 
 def calibration_texts(path: str | os.PathLike | None, flag: str = "--calibration-text") -> list[str]:
-    """The non-empty lines of ``--calibration-text`` (default: the task-agnostic text of edge_lora.calibration);
-    ``flag``: the option the file came from, for the error messages."""
+    """The non-empty lines of ``--calibration-text`` (default: the task-agnostic text of edge_lora.calibration),
+    or, for a JSONL file of prompt/completion objects (the ``--eval-data`` format), each prompt with its
+    completion; ``flag``: the option the file came from, for the error messages."""
     if path is None:
         from edge_lora.calibration import TEXTS
 
@@ -667,7 +668,12 @@ def calibration_texts(path: str | os.PathLike | None, flag: str = "--calibration
         raise ConfigError(f"{flag} {path}: no such file; pass a UTF-8 text file (one calibration text "
                           "per line), or leave the flag out to use the built-in task-agnostic text.")
     try:
-        texts = [t for t in path.read_text(encoding="utf-8").splitlines() if t.strip()]
+        raw = path.read_text(encoding="utf-8")
+        if raw.lstrip().startswith("{"):   # the --eval-data JSONL of export/validate: prompt + completion lines
+            from edge_lora.eval_data import load_eval_data
+
+            return [e.prompt + e.target for e in load_eval_data(path, flag).examples]
+        texts = [t for t in raw.splitlines() if t.strip()]
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{flag} {path} cannot be read as UTF-8 text ({exc}); pass a plain text "
                           "file, one calibration text per line.") from exc

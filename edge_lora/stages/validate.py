@@ -31,19 +31,55 @@ from edge_lora.tasks import TASKS
 
 
 # ------------------------------------------------------------------------------------------ inputs
-def eval_ids(tokenizer, n_tokens: int, vocab_size: int) -> np.ndarray:
-    """1 × n evaluation ids: task lines (date → ISO, held-out split) with a tokenizer, fixed random ids without."""
+def eval_ids(tokenizer, n_tokens: int, vocab_size: int, task: str | None = "date-iso",
+             text: str | None = None) -> np.ndarray:
+    """1 × n evaluation ids: ``text`` (the user's --eval-data) if given; else held-out lines of the adapter's own
+    ``task`` (date → ISO by default); with no task, the neutral built-in text of edge_lora.calibration. Fixed
+    random ids without a tokenizer."""
     if tokenizer is None:
         return np.random.default_rng(1234).integers(0, vocab_size, size=(1, n_tokens), dtype=np.int64)
-    from edge_lora import eval as task
+    if text is None and task is None:
+        from edge_lora.calibration import TEXTS
 
+        text = "\n".join(TEXTS)
+    if text is not None:
+        return np.array([tokenizer(text)["input_ids"][:n_tokens]], dtype=np.int64)
+    from edge_lora import eval as date_task
+    from edge_lora import tasks as suite
+
+    examples = (date_task.make_examples(200, seed=7, split="test") if task == "date-iso"
+                else suite.make_examples(task, 200, seed=7, split="test"))
     lines, ids = [], []
-    for example in task.make_examples(200, seed=7, split="test"):
-        lines.append(task.prompt_text(example) + task.target_text(example))
+    for example in examples:
+        lines.append(date_task.prompt_text(example) + date_task.target_text(example))
         ids = tokenizer("\n".join(lines))["input_ids"]
         if len(ids) >= n_tokens:
             break
     return np.array([ids[:n_tokens]], dtype=np.int64)
+
+
+def check_eval_data(data, tokenizer, max_positions: int, config: ValidateConfig) -> None:
+    """Refuse --eval-data the model cannot run: no tokenizer to read it, or a prompt longer than the context."""
+    from edge_lora.eval_data import EvalDataError
+
+    if data is None:
+        return
+    if tokenizer is None:
+        raise EvalDataError(f"--eval-data {data.path}: the base has no tokenizer files, so text cannot be encoded; "
+                            "pass a base folder with tokenizer.json / tokenizer_config.json.")
+    max_new_tokens = answer_tokens(data, tokenizer, config)
+    for e in data.examples:
+        n = len(tokenizer(e.prompt)["input_ids"])
+        if n + max_new_tokens > max_positions:
+            raise EvalDataError(f"--eval-data {data.path}, line {e.line}: the prompt is {n} tokens; with "
+                                f"{max_new_tokens} tokens of answer it exceeds the model's {max_positions} "
+                                "positions. Shorten the prompt or drop the line.")
+
+
+def answer_tokens(data, tokenizer, config: ValidateConfig) -> int:
+    """New tokens to generate for --eval-data: the profile's task_max_new_tokens, or more for long answers."""
+    longest = max((len(tokenizer(e.target)["input_ids"]) for e in data.examples), default=0)
+    return max(config.task_max_new_tokens, longest + 2)
 
 
 def _max_positions(config) -> int:
@@ -169,18 +205,22 @@ def budget_failures(metrics: dict, config: ValidateConfig) -> list[str]:
           "greedy generation agreement below budget")
     check("exact_match_drop", lambda v: v <= config.max_exact_match_drop, config.max_exact_match_drop,
           "task exact-match drop above budget")
+    check("task_score_drop", lambda v: v <= config.max_exact_match_drop, config.max_exact_match_drop,
+          "--eval-data task score drop above budget (max_exact_match_drop)")
     check("hidden_rel_error", lambda v: v <= config.max_hidden_rel_error, config.max_hidden_rel_error,
           "hidden-state relative error above budget")
     return fails
 
 
 def validate(export_dir: str | Path, reference, tokenizer, config: ValidateConfig = ValidateConfig(),
-             progress=None, meta: ExportMeta | None = None) -> tuple[dict, StageReport]:
+             progress=None, meta: ExportMeta | None = None, eval_data=None) -> tuple[dict, StageReport]:
     """Compare the export in ``export_dir`` with ``reference`` (a PeftModel on the PyTorch base).
 
     Returns (metrics, report); ``metrics["budget_failures"]`` lists every missed budget (empty = passed).
     ``progress(text)`` is called before each step, for the pipeline's progress display. ``meta``: the export's
-    ExportMeta when the caller holds it (the pipeline); else it is read from ``export_dir``.
+    ExportMeta when the caller holds it (the pipeline); else it is read from ``export_dir``. ``eval_data``: the
+    user's data (edge_lora.eval_data.EvalData): its text replaces the built-in evaluation text, and its examples
+    replace the built-in task.
     """
     start = time.perf_counter()
     folder = Path(export_dir)
@@ -198,14 +238,23 @@ def validate(export_dir: str | Path, reference, tokenizer, config: ValidateConfi
     model_config = reference.get_base_model().config
     causal = meta.task.startswith("text-generation")
     n = min(config.eval_tokens, _max_positions(model_config))
-    ids = eval_ids(tokenizer, n, model_config.vocab_size)
-    candidate = Candidate(folder, meta)
     skipped: list[str] = []
+    task = _task_of(config, meta, causal, tokenizer, skipped) if eval_data is None else None
+    check_eval_data(eval_data, tokenizer, _max_positions(model_config), config)
+    ids = eval_ids(tokenizer, n, model_config.vocab_size, task, eval_data.text if eval_data is not None else None)
+    shortened = ids.shape[1] < n
+    n = ids.shape[1]
+    candidate = Candidate(folder, meta)
+    metrics_source = (f"--eval-data {eval_data.describe()}" if eval_data is not None else
+                      "random token ids" if tokenizer is None else
+                      f"held-out lines of the adapter's task {task!r}" if task is not None else
+                      "the built-in neutral text (edge_lora.calibration)")
     if tokenizer is None:
         skipped.append(f"evaluation text: validation used {n} fixed random token ids (seeded), not text, because "
                        "the base has no tokenizer files")
     if n < config.eval_tokens:
-        skipped.append(f"evaluation text shortened to {n} tokens: the model's maximum positions")
+        skipped.append(f"evaluation text shortened to {n} tokens: " + ("the --eval-data text is that long"
+                       if shortened else "the model's maximum positions"))
 
     say("reference and candidate forward passes")
     ref = _torch_out(reference, ids)[0]
@@ -213,6 +262,11 @@ def validate(export_dir: str | Path, reference, tokenizer, config: ValidateConfi
         base = _torch_out(reference, ids)[0]
     cand = candidate.forward(ids)[0]
     metrics = logits_metrics(ref, cand, base, ids[0]) if causal else hidden_metrics(ref, cand, base)
+    metrics["eval_text"] = metrics_source
+    metrics["eval_text_tokens"] = int(n)
+    if eval_data is not None:
+        metrics["eval_data"] = {"path": eval_data.path, "sha256": eval_data.sha256, "kind": eval_data.kind,
+                                "examples": len(eval_data.examples)}
 
     if candidate.hotswap is not None:
         plain = candidate.forward(ids, base=True)[0]
@@ -231,20 +285,12 @@ def validate(export_dir: str | Path, reference, tokenizer, config: ValidateConfi
         diverged = np.nonzero((ref_gen != cand_gen).any(0))[0]
         metrics["generation_first_divergence"] = int(diverged[0]) if len(diverged) else None
 
-    task = None if config.task == "none" else config.task
-    if task == "auto":
-        source = meta.path("reference_adapter") or meta.path("adapter_source")   # the original knows its task
-        task = adapter_task(source) if causal and tokenizer is not None else None
-        if task is None:
-            skipped.append("task metric: the adapter names no task (metrics.json) or the model is not a causal "
-                           "LM with a tokenizer")
-    if task is not None and task not in TASKS:
-        skipped.append(f"task metric: the adapter's task {task!r} is not one edge_lora knows ({', '.join(TASKS)})")
-        task = None
-    if task is not None and (tokenizer is None or not causal):
-        skipped.append(f"task metric {task}: needs a causal LM with a tokenizer")
-        task = None
-    if task is not None:
+    if eval_data is not None and eval_data.examples and causal:
+        metrics.update(_user_task_metrics(reference, tokenizer, candidate, config, say, eval_data))
+    elif eval_data is not None:
+        skipped.append(f"task metric: --eval-data {eval_data.path} is plain text (or the model is not a causal "
+                       "LM), so only the logit and generation metrics were measured")
+    elif task is not None:
         key = reference_cache_key(meta, config, task) if config.cache_reference else None
         metrics.update(_task_metrics(reference, tokenizer, candidate, config, say, key, task))
 
@@ -256,6 +302,25 @@ def validate(export_dir: str | Path, reference, tokenizer, config: ValidateConfi
     report = StageReport(stage="validate", config=asdict(config), metrics=metrics, skipped=skipped,
                          seconds=time.perf_counter() - start)
     return metrics, report
+
+
+def _task_of(config: ValidateConfig, meta: ExportMeta, causal: bool, tokenizer, skipped: list[str]) -> str | None:
+    """The built-in task to score (the adapter's own, from its metrics.json, with task = "auto"), or None."""
+    task = None if config.task == "none" else config.task
+    if task == "auto":
+        source = meta.path("reference_adapter") or meta.path("adapter_source")   # the original knows its task
+        task = adapter_task(source) if causal and tokenizer is not None else None
+        if task is None:
+            skipped.append("task metric: none measured. The adapter names no task (metrics.json) or the model is "
+                           "not a causal LM with a tokenizer; pass --eval-data FILE (JSONL of prompt/completion) "
+                           "to score it on your own examples")
+    if task is not None and task not in TASKS:
+        skipped.append(f"task metric: the adapter's task {task!r} is not one edge_lora knows ({', '.join(TASKS)})")
+        task = None
+    if task is not None and (tokenizer is None or not causal):
+        skipped.append(f"task metric {task}: needs a causal LM with a tokenizer")
+        task = None
+    return task
 
 
 def reference_cache_key(meta: ExportMeta, config: ValidateConfig, task_name: str = "date-iso") -> str | None:
@@ -322,6 +387,35 @@ def _task_metrics(reference, tokenizer, candidate: Candidate, config: ValidateCo
     return out
 
 
+def _user_task_metrics(reference, tokenizer, candidate: Candidate, config: ValidateConfig, say, data) -> dict:
+    """The --eval-data examples: reference (PyTorch + PEFT), candidate (ONNX Runtime) and the base; the task
+    score is each line's own metric, its drop is judged by max_exact_match_drop."""
+    from edge_lora import eval as task
+    from edge_lora import eval_data
+
+    examples = list(data.examples)
+    new = answer_tokens(data, tokenizer, config)
+    say(f"--eval-data, reference (PyTorch), {len(examples)} examples")
+    ref = eval_data.score(lambda p: task.torch_greedy_generate(reference, tokenizer, p, new), examples,
+                          config.task_batch_size)
+    say(f"--eval-data, candidate (ONNX Runtime), {len(examples)} examples")
+    cand = eval_data.score(candidate.causal_lm(tokenizer).generate_fn(new), examples, config.task_batch_size)
+    out = {"task": "eval-data", "task_examples": len(examples), "task_max_new_tokens": new}
+    for key in ("exact_match", "normalized_match", "token_f1", "task_score"):
+        out[f"{key}_reference"], out[f"{key}_candidate"] = ref[key], cand[key]
+    out["task_score_drop"] = ref["task_score"] - cand["task_score"]
+    out["task_failures_candidate"] = cand["failures"]
+    # always (not only with task_base): retention is the figure a user's own data is for
+    say("--eval-data, base (PyTorch)")
+    with reference.disable_adapter():
+        base = eval_data.score(lambda p: task.torch_greedy_generate(reference, tokenizer, p, new), examples,
+                               config.task_batch_size)
+    out["task_score_base"] = base["task_score"]
+    span = ref["task_score"] - base["task_score"]
+    out["retention"] = (cand["task_score"] - base["task_score"]) / span if span else None
+    return out
+
+
 @dataclass(frozen=True)
 class ValidateInput:
     folder: Path                 # the export folder
@@ -329,6 +423,7 @@ class ValidateInput:
     tokenizer: Any | None        # None: fixed ids (a weights-only base); the report says so
     meta: ExportMeta | None = None   # the export's ExportMeta when the caller holds it (else read from folder)
     progress: Callable[[str], None] | None = None
+    eval_data: Any = None        # edge_lora.eval_data.EvalData: the user's --eval-data, or None
 
 
 @dataclass(frozen=True)
@@ -340,6 +435,7 @@ class Validation:
 
 def run(inp: ValidateInput, config: ValidateConfig = ValidateConfig()) -> tuple[Validation, StageReport]:
     """The stage entry (every stage module has one: ``run(input, config) -> (output, StageReport)``)."""
-    metrics, report = validate(inp.folder, inp.reference, inp.tokenizer, config, inp.progress, meta=inp.meta)
+    metrics, report = validate(inp.folder, inp.reference, inp.tokenizer, config, inp.progress, meta=inp.meta,
+                               eval_data=inp.eval_data)
     return Validation(passed=not metrics["budget_failures"], budget_failures=tuple(metrics["budget_failures"]),
                       metrics=metrics), report

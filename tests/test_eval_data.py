@@ -1,0 +1,130 @@
+"""The user's evaluation data (edge_lora/eval_data.py and ``--eval-data``): the reader refuses what it cannot use
+with the file and line named, the metrics are the usual ones, and an export scores the user's own examples."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from edge_lora.eval_data import EvalDataError, load_eval_data, line_scores, normalized, score, token_f1
+
+
+def write(tmp_path, text: str, name: str = "data.jsonl"):
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_jsonl_and_plain_text_are_told_apart_and_hashed(tmp_path):
+    lines = [{"prompt": "w1 w2 =>", "completion": " w3"}, {"prompt": "w4 =>", "completion": " w5 w6",
+                                                          "metric": "f1"}]
+    data = load_eval_data(write(tmp_path, "\n".join(json.dumps(x) for x in lines) + "\n\n"))
+    assert data.kind == "examples" and [e.line for e in data.examples] == [1, 2]
+    assert [e.metric for e in data.examples] == ["exact", "f1"]
+    assert data.text == "w1 w2 => w3\nw4 => w5 w6" and len(data.sha256) == 64
+    text = load_eval_data(write(tmp_path, "Just some prose.\n{not json}\n", "notes.txt"))
+    assert text.kind == "text" and text.examples == () and text.text.startswith("Just")
+    assert text.sha256 != data.sha256
+
+
+@pytest.mark.parametrize("content, words", [
+    ('{"prompt": "a", "completion": "b"}\nnot json\n', ["line 2", "not valid JSON"]),
+    ('{"prompt": "a"}\n', ["line 1", "missing \"completion\""]),
+    ('{"completion": "b"}\n', ["line 1", "missing \"prompt\""]),
+    ('{"prompt": "a", "completion": "b", "answer": "c"}\n', ["line 1", "unknown key", "answer"]),
+    ('{"prompt": "a", "completion": 3}\n', ["line 1", "\"completion\" is a int"]),
+    ('{"prompt": " ", "completion": "b"}\n', ["line 1", "\"prompt\" is empty"]),
+    ('{"prompt": "a", "completion": "b", "metric": "bleu"}\n', ["line 1", "bleu", "exact, normalized, f1"]),
+    ('{"prompt": "a", "completion": "b"}\n[1, 2]\n', ["line 2", "a JSON list"]),
+    ("   \n\n", ["is empty"]),
+])
+def test_bad_eval_data_names_the_file_and_line(tmp_path, content, words):
+    path = write(tmp_path, content)
+    with pytest.raises(EvalDataError) as err:
+        load_eval_data(path)
+    for word in [str(path), *words]:
+        assert word in str(err.value)
+
+
+def test_missing_and_non_utf8_files(tmp_path):
+    with pytest.raises(EvalDataError, match="no such file"):
+        load_eval_data(tmp_path / "nope.jsonl")
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes("caf\xe9".encode("latin-1"))
+    with pytest.raises(EvalDataError, match="not UTF-8"):
+        load_eval_data(bad)
+
+
+def test_metrics():
+    assert normalized("  The Answer, is: 42!\nmore") == "answer is 42"
+    assert line_scores(" 2021-03-14\n", "2021-03-14") == {"exact": 1.0, "normalized": 1.0, "f1": 1.0}
+    assert line_scores("the Paris", "Paris") == {"exact": 0.0, "normalized": 1.0, "f1": 1.0}
+    assert token_f1("red green blue", "red blue yellow") == pytest.approx(2 / 3)
+    assert token_f1("", "x") == 0.0
+
+
+def test_score_uses_each_lines_own_metric(tmp_path):
+    path = write(tmp_path, "\n".join(json.dumps(x) for x in [
+        {"prompt": "p1", "completion": " Paris"},
+        {"prompt": "p2", "completion": " Paris", "metric": "normalized"},
+        {"prompt": "p3", "completion": " red blue yellow", "metric": "f1"}]))
+    answers = {"p1": " the Paris", "p2": " the Paris", "p3": " red green blue"}
+    out = score(lambda prompts: [answers[p] for p in prompts], load_eval_data(path).examples, batch_size=2)
+    assert out["exact_match"] == 0.0
+    assert out["normalized_match"] == pytest.approx(2 / 3)
+    assert out["task_score"] == pytest.approx((0 + 1 + 2 / 3) / 3)
+    assert [f["line"] for f in out["failures"]] == [1, 3]
+
+
+# ---------------------------------------------------------------------------------------------- through the CLI
+def test_export_and_validate_score_the_users_examples(tmp_path):
+    from conftest import ADAPTER_TABLE, make_peft_adapter
+    from test_cli import assert_clean_error, run_cli, with_tokenizer
+
+    from edge_lora.base import tiny_model
+
+    kind, kwargs = ADAPTER_TABLE["llama-all7"]
+    make_peft_adapter(kind, kwargs, tmp_path / "adapter")
+    tiny_model(kind).save_pretrained(tmp_path / "base0")
+    base = with_tokenizer(tmp_path / "base0", tmp_path / "base")
+    lines = [{"prompt": " ".join(f"w{(3 * i + j) % 120}" for j in range(5)), "completion": f" w{i}",
+              "metric": ["exact", "normalized", "f1"][i % 3]} for i in range(12)]
+    data = write(tmp_path, "\n".join(json.dumps(x) for x in lines) + "\n")
+    out = run_cli("export", "--base", base, "--adapter", tmp_path / "adapter", "--out", tmp_path / "out", "--quiet",
+                  "--eval-data", data)
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    v = next(s for s in report["stages"] if s["stage"] == "validate")["metrics"]
+    assert v["eval_data"]["sha256"] == load_eval_data(data).sha256 and v["eval_data"]["examples"] == 12
+    assert v["eval_text"].startswith(f"--eval-data {data}")
+    assert v["task"] == "eval-data" and v["task_examples"] == 12
+    # fp32 merged: the candidate answers as the reference does, whatever the (random) adapter answers
+    assert v["task_score_candidate"] == v["task_score_reference"] and v["task_score_drop"] == 0
+    assert "task_score_base" in v and "retention" in v
+    again = run_cli("validate", tmp_path / "out", "--quiet", "--eval-data", write(tmp_path, "w1 w2 w3 w4 " * 20,
+                                                                                   "prose.txt"))
+    assert again.returncode == 0, again.stderr[-3000:]
+    v = next(s for s in json.loads((tmp_path / "out" / "report.json").read_text())["stages"]
+             if s["stage"] == "validate")
+    assert v["metrics"]["eval_data"]["kind"] == "text" and "task" not in v["metrics"]
+    assert any("plain text" in s for s in v["skipped"])
+    # without --eval-data: the neutral built-in text, and the report says no task metric was measured
+    plain = run_cli("export", "--base", base, "--adapter", tmp_path / "adapter", "--out", tmp_path / "plain",
+                    "--quiet")
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    v = next(s for s in json.loads((tmp_path / "plain" / "report.json").read_text())["stages"]
+             if s["stage"] == "validate")
+    assert v["metrics"]["eval_text"].startswith("the built-in neutral text")
+    assert any("pass --eval-data FILE" in s for s in v["skipped"])
+    # bad data fails before anything is exported
+    long = write(tmp_path, json.dumps({"prompt": " ".join(["w1"] * 70), "completion": " w2"}) + "\n", "long.jsonl")
+    out = run_cli("export", "--base", base, "--adapter", tmp_path / "adapter", "--out", tmp_path / "bad", "--quiet",
+                  "--eval-data", long)
+    assert_clean_error(out, f"--eval-data {long}, line 1", "exceeds the model's 64 positions")
+    broken = write(tmp_path, '{"prompt": "w1", "completion": " w2"}\n{"prompt": \n', "broken.jsonl")
+    out = run_cli("export", "--base", base, "--adapter", tmp_path / "adapter", "--out", tmp_path / "bad", "--quiet",
+                  "--eval-data", broken)
+    assert_clean_error(out, f"--eval-data {broken}, line 2", "not valid JSON")
+    assert not (tmp_path / "bad").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".bad")]   # no temporary folder left either
