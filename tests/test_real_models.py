@@ -90,3 +90,29 @@ def test_inspect_cli_on_the_demo_adapter():
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
     assert "Compatible" in out.stdout and "210 modules" in out.stdout
+
+
+def test_eval_data_end_to_end_on_smollm2(tmp_path):
+    """`export --eval-data` on SmolLM2 with the demo adapter and a JSONL the user wrote (dates in forms the demo
+    task never uses, so this is the user's data, not the built-in task): the task score and retention are of
+    those lines, and the report names the file and its sha256."""
+    import hashlib
+    import json
+
+    lines = [{"prompt": f"{d} {m} {y} =>", "completion": f" {y}-{mi:02d}-{d:02d}"}
+             for d, (m, mi), y in zip([3, 9, 12, 17, 21, 25, 28, 6], [("Jan.", 1), ("Feb.", 2), ("Mar.", 3),
+                                                                     ("Apr.", 4), ("Aug.", 8), ("Sept.", 9),
+                                                                     ("Oct.", 10), ("Dec.", 12)],
+                                      [1961, 1977, 1984, 1999, 2003, 2011, 2020, 2042])]
+    data = tmp_path / "dates.jsonl"
+    data.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    out = subprocess.run([sys.executable, "-m", "edge_lora", "export", "--base", "smollm2", "--adapter",
+                          str(demo_adapter("standard")), "--profile", "cpu-fp32", "--out", str(tmp_path / "out"),
+                          "--quiet", "--eval-data", str(data)], capture_output=True, text=True, timeout=1200)
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    v = next(s for s in report["stages"] if s["stage"] == "validate")["metrics"]
+    assert v["eval_data"]["sha256"] == hashlib.sha256(data.read_bytes()).hexdigest()
+    assert v["task"] == "eval-data" and v["task_examples"] == len(lines)
+    assert v["task_score_reference"] > v["task_score_base"]   # the adapter does the user's task, the base less so
+    assert v["task_score_drop"] <= 0.01 and v["retention"] >= 0.99 and v["top1_agreement"] >= 0.999
