@@ -177,7 +177,12 @@ def load_tokenizer(folder: str | os.PathLike):
                          "save_pretrained), or remove them all to use the folder as a weights-only base.") from exc
 
 
-TINY_DECODERS = ("gemma", "gemma2", "gemma3_text", "qwen2", "qwen3", "mistral", "granite", "olmo2", "phi3")
+TINY_DECODERS = ("gemma", "gemma2", "gemma3_text", "qwen2", "qwen3", "mistral", "granite", "olmo2", "phi3",
+                 "gpt_neox", "falcon", "bloom", "opt")
+TINY_ENCODERS = ("roberta", "distilbert", "xlm-roberta")
+# what a few configs name differently or default to sizes that do not fit the tiny shapes (None: not settable)
+_TINY_EXTRA = {"opt": {"ffn_dim": 64, "word_embed_proj_dim": 32}, "falcon": {"head_dim": None}, "distilbert": {"dim": 32, "hidden_dim": 64,
+                                                                                  "n_layers": 2, "n_heads": 4}}
 
 
 def tiny_model(kind: str = "llama", seed: int = 0):
@@ -198,16 +203,17 @@ def tiny_model(kind: str = "llama", seed: int = 0):
     elif kind == "gpt2":  # Conv1D layers: LoRA needs fan_in_fan_out
         config = GPT2Config(vocab_size=128, n_embd=32, n_layer=2, n_head=4, n_positions=64)
         model = GPT2LMHeadModel(config)
-    elif kind in TINY_DECODERS:   # scaled embeddings, soft-capping, sliding windows: what differs is theirs
-        from transformers import AutoConfig, AutoModelForCausalLM
+    elif kind in TINY_DECODERS or kind in TINY_ENCODERS:   # what differs (scaled embeddings, soft-capping, ...)
+        from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-        config = AutoConfig.for_model(kind, vocab_size=128, hidden_size=32, intermediate_size=64,
-                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                      head_dim=8, max_position_embeddings=64, pad_token_id=0)
-        model = AutoModelForCausalLM.from_config(config)
+        sizes = {"vocab_size": 128, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                 "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8, "max_position_embeddings": 64,
+                 "pad_token_id": 0, **_TINY_EXTRA.get(kind, {})}
+        config = AutoConfig.for_model(kind, **{k: v for k, v in sizes.items() if v is not None})
+        model = (AutoModelForCausalLM if kind in TINY_DECODERS else AutoModel).from_config(config)
     else:
         raise ModelError(f"Unknown tiny model kind {kind!r}; use one of: llama, bert, gpt2, "
-                         f"{', '.join(TINY_DECODERS)}.")
+                         f"{', '.join(TINY_DECODERS + TINY_ENCODERS)}.")
     return model.eval()
 
 

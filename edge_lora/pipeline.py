@@ -87,6 +87,8 @@ def _load(ctx: RunContext) -> StageReport:
     ctx.adapter, ctx.reference_adapter = load_adapter(ctx.adapter_path)
     ctx.base_path = resolve_base(ctx.base_spec).resolve()
     ctx.model, ctx.tokenizer = load_base(ctx.base_path)
+    if "export" in ctx.profile.stages:
+        export_onnx.check_exportable(ctx.model, export_onnx.resolve_task(ctx.model, ctx.profile.config("export")))
     check_compatible(expanded(ctx.adapter), ctx.model)
     ctx.base_sha256 = base_content_hash(ctx.base_path)
     ctx.adapter_sha256 = adapter_hash(ctx.adapter_path)

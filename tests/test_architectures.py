@@ -1,8 +1,8 @@
-"""Decoder architectures beyond the llama/gpt2 of the other tests (edge_lora.base.TINY_DECODERS: Gemma's scaled
+"""Architectures beyond the llama/gpt2/bert of the other tests (edge_lora.base.TINY_DECODERS: Gemma's scaled
 embeddings and an export without position_ids, Gemma-2's soft-capping and sliding window, Phi-3's fused qkv_proj /
 gate_up_proj, ...), each with a LoRA on every linear layer, in the style of PEFT's merge tests: merged ==
-hot-swap == PyTorch + PEFT, no adapter == the base, and greedy decoding of a left-padded batch == PEFT row by
-row."""
+hot-swap == PyTorch + PEFT, no adapter == the base, greedy decoding of a left-padded batch == PEFT row by row,
+and the int4 base builds and decodes; encoders (edge_lora.base.TINY_ENCODERS) merged == hot-swap == PEFT."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 from conftest import make_peft_adapter
 
 from edge_lora.adapter import load_peft
-from edge_lora.base import TINY_DECODERS, tiny_model
+from edge_lora.base import TINY_DECODERS, TINY_ENCODERS, tiny_model
 from edge_lora.config import ExportConfig
 from edge_lora.runtimes.hotswap import HotswapSession
 from edge_lora.runtimes.ort_generate import OrtCausalLM
@@ -72,3 +72,77 @@ def test_left_padded_greedy_decoding_equals_peft_row_by_row(arch):
     hot.load_adapter("x", hot_dir / ADAPTER_FILE)
     got = OrtCausalLM(hot.session, run_options=hot.run_options("x")).greedy_ids(PROMPTS, 6)
     assert got == [_peft_greedy(peft, p, 6) for p in PROMPTS], kind
+
+
+def test_int4_hotswap_builds_and_decodes(arch, tmp_path):
+    """The int4 base (MatMulNBits, the cpu-int4 recipe's head and module choices) builds and runs with the adapter
+    active; its quality on random weights is not judged."""
+    import shutil
+
+    from edge_lora.config import QuantizeConfig
+    from edge_lora.stages.quantize_base import quantize_base
+
+    kind, _, _, _, hot_dir = arch
+    folder = tmp_path / "int4"
+    shutil.copytree(hot_dir, folder)
+    summary, _ = quantize_base(folder / "model.onnx", QuantizeConfig(base="int4", int8_modules=["down_proj",
+                                                                                                 "v_proj"]))
+    assert summary["int4_matmuls"] > 0 and summary["ops_after"].get("MatMulNBits", 0) > 0, kind
+    hot = HotswapSession(folder)
+    hot.load_adapter("x", folder / ADAPTER_FILE)
+    got = OrtCausalLM(hot.session, run_options=hot.run_options("x")).greedy_ids(PROMPTS, 4)
+    assert [len(g) for g in got] == [4] * len(PROMPTS)
+
+
+@pytest.fixture(scope="module", params=TINY_ENCODERS)
+def encoder(request, tmp_path_factory):
+    kind = request.param
+    tmp = tmp_path_factory.mktemp(kind)
+    peft = make_peft_adapter(kind, dict(r=4, lora_alpha=8, target_modules="all-linear"), tmp / "adapter")
+    adapter = load_peft(tmp / "adapter")
+    merged_dir, hot_dir = tmp / "merged", tmp / "hotswap"
+    for d in (merged_dir, hot_dir):
+        d.mkdir()
+    export_merged(merge(tiny_model(kind), adapter)[0], None, merged_dir)
+    export_hotswap(tiny_model(kind), None, adapter, hot_dir, config=ExportConfig(mode="hotswap"))
+    return kind, peft, merged_dir, hot_dir
+
+
+def test_encoders_merged_equals_hotswap_equals_peft(encoder):
+    kind, peft, merged_dir, hot_dir = encoder
+    with torch.no_grad():
+        expected = peft(input_ids=torch.from_numpy(IDS)).last_hidden_state.numpy()
+        with peft.disable_adapter():
+            base = peft(input_ids=torch.from_numpy(IDS)).last_hidden_state.numpy()
+    merged = load_session(merged_dir)
+    hot = HotswapSession(hot_dir)
+
+    def hidden(session, options=None):
+        return session.run(["last_hidden_state"], full_feeds(session, IDS), options)[0]
+
+    np.testing.assert_allclose(hidden(merged), expected, rtol=1e-4, atol=2e-5, err_msg=kind)
+    np.testing.assert_allclose(hidden(hot.session), base, rtol=1e-4, atol=2e-5, err_msg=kind)
+    hot.load_adapter("x", hot_dir / ADAPTER_FILE)
+    np.testing.assert_allclose(hidden(hot.session, hot.run_options("x")), expected, rtol=1e-4, atol=2e-5)
+    assert not np.allclose(expected, base, atol=1e-3)
+
+
+def test_an_architecture_without_an_onnx_export_is_refused_before_any_work(tmp_path):
+    """Mamba has no ONNX config in optimum-onnx: the load stage says so and names what is supported."""
+    from transformers import MambaConfig, MambaForCausalLM
+
+    from conftest import ADAPTER_TABLE
+    from test_cli import run_cli
+
+    MambaForCausalLM(MambaConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2, state_size=4)).save_pretrained(
+        tmp_path / "mamba")
+    kind, kwargs = ADAPTER_TABLE["llama-all7"]
+    make_peft_adapter(kind, kwargs, tmp_path / "adapter")
+    out = run_cli("export", "--base", tmp_path / "mamba", "--adapter", tmp_path / "adapter", "--out",
+                  tmp_path / "out", "--quiet")
+    # (transformers prints a warning about Mamba's kernels first, so the error is the last line, not the first)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    error = out.stderr.strip().splitlines()[-1]
+    for word in ("error: ", "model type 'mamba'", "no ONNX export", "gemma", "llama", "qwen2"):
+        assert word in error, (word, error)
+    assert not (tmp_path / "out").exists()

@@ -91,6 +91,25 @@ def resolve_task(model, config: ExportConfig) -> str:
     return "text-generation-with-past" if is_causal_lm(model.config) else "feature-extraction"
 
 
+def check_exportable(model, task: str) -> None:
+    """Refuse, before any export work, a model type optimum-onnx has no ONNX config for (or not for ``task``),
+    naming what it does support."""
+    import optimum.exporters.onnx.model_configs  # noqa: F401  (registers every ONNX config with the TasksManager)
+    from optimum.exporters.tasks import TasksManager
+
+    kind = model.config.model_type
+    try:
+        tasks = TasksManager.get_supported_tasks_for_model_type(kind, exporter="onnx", library_name="transformers")
+    except KeyError:
+        known = sorted(TasksManager.get_supported_model_type_for_task(task, exporter="onnx"))
+        raise ModelError(f"model type {kind!r} ({type(model).__name__}) has no ONNX export in optimum-onnx, so "
+                         f"edge_lora cannot export it. Model types it exports for {task!r}: "
+                         f"{', '.join(known)}.") from None
+    if task not in tasks:
+        raise ModelError(f"model type {kind!r} exports to ONNX only for tasks {sorted(tasks)}, not {task!r}; set "
+                         "export.task to one of them.")
+
+
 @contextlib.contextmanager
 def _quiet_exporter():
     """optimum and the TorchScript exporter print pages of tracer warnings; keep them out of the CLI output."""
