@@ -84,7 +84,10 @@ def _load(ctx: RunContext) -> StageReport:
     from edge_lora.base import base_content_hash, load_base, resolve_base
 
     start = time.perf_counter()
-    ctx.adapter, ctx.reference_adapter = load_adapter(ctx.adapter_path)
+    # DoRA is not a low-rank update: only a merged export without adapter quantization can take it exactly
+    merged_only = (ctx.profile.config("export").mode == "merged"
+                   and ("quantize" not in ctx.profile.stages or ctx.profile.config("quantize").adapter == "fp32"))
+    ctx.adapter, ctx.reference_adapter = load_adapter(ctx.adapter_path, allow_dora=merged_only)
     ctx.base_path = resolve_base(ctx.base_spec).resolve()
     ctx.model, ctx.tokenizer = load_base(ctx.base_path)
     if "export" in ctx.profile.stages:

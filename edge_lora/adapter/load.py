@@ -50,7 +50,7 @@ def adapter_hash(folder: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def load_adapter(folder: str | os.PathLike) -> tuple[AnyAdapter, Path]:
+def load_adapter(folder: str | os.PathLike, allow_dora: bool = False) -> tuple[AnyAdapter, Path]:
     """(adapter, reference PEFT folder). A PEFT folder is its own reference. A ``compress`` folder is taken as it
     is (quantized.safetensors if ``--bits`` wrote one, else compressed.safetensors) and validated against the
     original adapter it came from (the ``source`` in its header): the reference is always the uncompressed one."""
@@ -62,7 +62,7 @@ def load_adapter(folder: str | os.PathLike) -> tuple[AnyAdapter, Path]:
         adapter = CompressedAdapter.load(folder)
         where = folder / COMPRESSED_FILE
     else:
-        return load_peft(folder), folder
+        return load_peft(folder, allow_dora=allow_dora), folder
     source = Path(adapter.source) if adapter.source else None
     if source is not None and not source.is_absolute():
         source = (folder / source).resolve()

@@ -33,7 +33,8 @@ PEFT_PREFIX = "base_model.model."
 # silently wrong outputs, so each is refused with the reason.
 _UNSUPPORTED = {
     "use_dora": "DoRA adds a learned magnitude vector per module; it is not a low-rank update and cannot be "
-                "canonicalized or hot-swapped as one",
+                "canonicalized, compressed, quantized or hot-swapped as one (the merged export profiles, e.g. "
+                "cpu-fp32 or cpu-int4, merge it exactly)",
     "target_parameters": "LoRA on raw nn.Parameters (MoE experts) is not supported yet",
     "layer_replication": "layer replication changes the base model's layer layout",
     "alora_invocation_tokens": "activated LoRA (aLoRA) switches on at invocation tokens; export supports "
@@ -69,6 +70,9 @@ class LoraModule:
     alpha: float
     bias: torch.Tensor | None = None
     singular_values: torch.Tensor | None = None  # set by canonicalize; then scale == 1 and B·A = U·diag(S)·Vᵀ
+    # DoRA's learned norm of each output row (d_out): W' = m / ‖W + ΔW‖_row · (W + ΔW). Only load_peft(...,
+    # allow_dora=True) sets it, for the merge stage; every other reader refuses DoRA.
+    magnitude: torch.Tensor | None = None
 
     @property
     def rank(self) -> int:
@@ -140,7 +144,7 @@ def lora_scale(alpha: float, r: int, use_rslora: bool) -> float:
     return alpha / math.sqrt(r) if use_rslora else alpha / r
 
 
-def _read_config(folder: Path) -> dict:
+def _read_config(folder: Path, allow_dora: bool = False) -> dict:
     path = folder / CONFIG_NAME
     if not path.is_file():
         raise AdapterError(f"{folder} has no {CONFIG_NAME}. A PEFT LoRA adapter folder holds {CONFIG_NAME} and "
@@ -156,7 +160,7 @@ def _read_config(folder: Path) -> dict:
         raise AdapterError(f"{path}: peft_type is {config.get('peft_type')!r}; edge_lora imports LoRA adapters "
                            "(peft_type 'LORA') only.")
     for key, why in _UNSUPPORTED.items():
-        if config.get(key):
+        if config.get(key) and not (key == "use_dora" and allow_dora):
             raise AdapterError(f"{path}: '{key}' is set ({config[key]!r}), and {why}. Retrain without it, or "
                                "merge it in PEFT and use the merged model as the base.")
     for key in ("r", "lora_alpha"):
@@ -188,13 +192,14 @@ def _read_tensors(folder: Path) -> dict[str, torch.Tensor]:
 
 
 # ---------------------------------------------------------------------------------------------- load
-def load_peft(path: str | os.PathLike) -> Adapter:
+def load_peft(path: str | os.PathLike, allow_dora: bool = False) -> Adapter:
     """Read a PEFT LoRA folder exactly: per-module rank and alpha (rank_pattern / alpha_pattern with PEFT's
-    key matching), rsLoRA scaling, lora_bias, LoRA on Linear, Conv1D and Embedding layers."""
+    key matching), rsLoRA scaling, lora_bias, LoRA on Linear, Conv1D and Embedding layers. ``allow_dora``: read
+    a DoRA adapter's magnitudes into ``LoraModule.magnitude`` (for merging; refused otherwise)."""
     folder = Path(path)
     if not folder.is_dir():
         raise AdapterError(f"Adapter folder {folder} does not exist or is not a folder.")
-    config = _read_config(folder)
+    config = _read_config(folder, allow_dora)
     tensors = _read_tensors(folder)
     use_rslora = bool(config.get("use_rslora", False))
 
@@ -214,7 +219,11 @@ def load_peft(path: str | os.PathLike) -> Adapter:
                                "run diverged. Use an earlier checkpoint.")
         key = key[len(PEFT_PREFIX):]
         if "lora_magnitude_vector" in key:
-            raise AdapterError(f"{folder / WEIGHTS_NAME}: tensor {key!r} is a DoRA magnitude; {_UNSUPPORTED['use_dora']}.")
+            if not (allow_dora and config.get("use_dora")) or not key.endswith(".lora_magnitude_vector"):
+                raise AdapterError(f"{folder / WEIGHTS_NAME}: tensor {key!r} is a DoRA magnitude; "
+                                   f"{_UNSUPPORTED['use_dora']}.")
+            parts.setdefault(key.removesuffix(".lora_magnitude_vector"), {})["magnitude"] = tensor
+            continue
         match = _LORA_KEY.match(key)
         if match:
             parts.setdefault(match["module"], {})[match["part"]] = tensor
@@ -244,9 +253,20 @@ def load_peft(path: str | os.PathLike) -> Adapter:
             raise AdapterError(f"{folder}: module {name!r} has rank {r} in the tensors but rank {cfg_r} from "
                                f"{CONFIG_NAME} (r / rank_pattern); config and weights are from different runs.")
         bias = p.get("lora_B.bias")
+        magnitude = p.get("magnitude")
+        if config.get("use_dora") and magnitude is None:
+            raise AdapterError(f"{folder / WEIGHTS_NAME}: module {name!r} has no lora_magnitude_vector although "
+                               f"{CONFIG_NAME} sets use_dora; the file is incomplete.")
+        if magnitude is not None and (embedding or config.get("fan_in_fan_out") or tuple(magnitude.shape) !=
+                                      (B.shape[0],)):
+            raise AdapterError(f"{folder / WEIGHTS_NAME}: module {name!r}: DoRA is merged for Linear layers only "
+                               f"(magnitude of shape {tuple(magnitude.shape)}, {B.shape[0]} outputs expected; no "
+                               "embeddings, no fan_in_fan_out). Merge it in PEFT and use the merged model as the "
+                               "base.")
         modules[name] = LoraModule(name=name, kind="embedding" if embedding else "linear", A=A, B=B,
                                    scale=lora_scale(alpha, r, use_rslora), alpha=alpha,
-                                   bias=bias.float() if bias is not None else None)
+                                   bias=bias.float() if bias is not None else None,
+                                   magnitude=magnitude.float() if magnitude is not None else None)
     if not modules:
         raise AdapterError(f"{folder / WEIGHTS_NAME} holds no LoRA factors (no lora_A/lora_B tensors).")
     storage = dtypes.most_common(1)[0][0] if dtypes else "float32"

@@ -4,7 +4,8 @@ The base layer decides how ΔW lands in its weight tensor, exactly as PEFT does 
 - ``nn.Linear`` stores W as out × in: add ΔW;
 - GPT-2's ``Conv1D`` stores in × out: add ΔWᵀ;
 - ``nn.Embedding`` stores num × dim, and ΔW is dim × num (the "input" is a one-hot token id): add ΔWᵀ.
-``lora_bias`` adds ``scale·bias`` to the base bias; tensors saved through ``modules_to_save`` replace the
+DoRA (``LoraModule.magnitude`` m) rescales each output row as PEFT's merge does:
+``W' = m / ‖W + ΔW‖_row · (W + ΔW)``. ``lora_bias`` adds ``scale·bias`` to the base bias; tensors saved through ``modules_to_save`` replace the
 base tensors. A tied weight that receives an update (LoRA on an embedding tied to lm_head) is untied:
 the unmerged model applies ΔW to the embedding lookup only (PEFT's own merge_and_unload gets this wrong).
 Everything is computed first and checked finite, and only then written into the model, so a
@@ -59,6 +60,15 @@ def merge(model: torch.nn.Module, adapter: Adapter, config: MergeConfig = MergeC
             weight = adapter.extra_tensors.get(f"{name}.weight", layer.weight)
             weight_sq += float(torch.linalg.vector_norm(weight, dtype=torch.float64)) ** 2
             new = weight + delta if delta.dtype == weight.dtype else (weight.to(dtype) + delta).to(weight.dtype)
+            if module.magnitude is not None:
+                from transformers.pytorch_utils import Conv1D
+
+                if module.kind != "linear" or isinstance(layer, Conv1D):
+                    raise AdapterError(f"{name}: DoRA is merged for nn.Linear layers only, not "
+                                       f"{type(layer).__name__}; merge it in PEFT and use that model as the base.")
+                full = weight.to(dtype) + delta
+                norm = torch.linalg.vector_norm(full, dim=1)
+                new = ((module.magnitude.to(dtype) / norm)[:, None] * full).to(weight.dtype)
             updates[f"{name}.weight"] = (layer.weight, new, layer, "weight")
             if module.bias is not None:
                 old = layer.bias if layer.bias is not None else torch.zeros(module.d_out, dtype=layer.weight.dtype)
