@@ -302,12 +302,18 @@ def _eval_data(path, profile: Profile):
 
 
 def _check_eval_data(ctx: RunContext) -> None:
-    """Prompts that do not fit the model fail here, before anything is exported."""
-    if ctx.eval_data is not None:
-        from edge_lora.stages.validate import _max_positions, check_eval_data
+    """Prompts that do not fit the model, or a task budget with nothing to measure it on, fail here, before
+    anything is exported."""
+    if "validate" not in ctx.profile.stages:
+        return
+    from edge_lora.base import is_causal_lm
+    from edge_lora.stages.validate import _max_positions, adapter_task, check_eval_data, require_task_metric
 
-        check_eval_data(ctx.eval_data, ctx.tokenizer, _max_positions(ctx.model.config),
-                        ctx.profile.config("validate"))
+    config = ctx.profile.config("validate")
+    check_eval_data(ctx.eval_data, ctx.tokenizer, _max_positions(ctx.model.config), config)
+    causal = is_causal_lm(ctx.model.config)
+    own = adapter_task(str(ctx.reference_adapter or ctx.adapter_path))
+    require_task_metric(config, own, ctx.eval_data, causal, ctx.tokenizer)
 
 
 def _raise_on_budget_miss(report: dict, out: Path) -> None:

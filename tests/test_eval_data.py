@@ -104,19 +104,28 @@ def test_export_and_validate_score_the_users_examples(tmp_path):
     assert "task_score_base" in v and "retention" in v
     again = run_cli("validate", tmp_path / "out", "--quiet", "--eval-data", write(tmp_path, "w1 w2 w3 w4 " * 20,
                                                                                    "prose.txt"))
+    # plain text leaves the task budget nothing to measure: an error unless task = none says so on purpose
+    prose = write(tmp_path, "w1 w2 w3 w4 " * 20, "prose.txt")
+    again = run_cli("validate", tmp_path / "out", "--quiet", "--eval-data", prose)
+    assert_clean_error(again, "no task to measure", "max_exact_match_drop", "--eval-data FILE", "validate.task=none")
+    again = run_cli("validate", tmp_path / "out", "--quiet", "--eval-data", prose, "--set", "validate.task=none")
     assert again.returncode == 0, again.stderr[-3000:]
     v = next(s for s in json.loads((tmp_path / "out" / "report.json").read_text())["stages"]
              if s["stage"] == "validate")
     assert v["metrics"]["eval_data"]["kind"] == "text" and "task" not in v["metrics"]
-    assert any("plain text" in s for s in v["skipped"])
-    # without --eval-data: the neutral built-in text, and the report says no task metric was measured
+    # without --eval-data, an adapter that names no task: the same error before anything is exported ...
     plain = run_cli("export", "--base", base, "--adapter", tmp_path / "adapter", "--out", tmp_path / "plain",
                     "--quiet")
+    assert_clean_error(plain, "no task to measure", "no --eval-data was given")
+    assert not (tmp_path / "plain").exists()
+    # ... and with task = none the neutral built-in text, the report saying no task metric was measured
+    plain = run_cli("export", "--base", base, "--adapter", tmp_path / "adapter", "--out", tmp_path / "plain",
+                    "--quiet", "--set", "validate.task=none")
     assert plain.returncode == 0, plain.stderr[-3000:]
     v = next(s for s in json.loads((tmp_path / "plain" / "report.json").read_text())["stages"]
              if s["stage"] == "validate")
-    assert v["metrics"]["eval_text"].startswith("the built-in neutral text")
-    assert any("pass --eval-data FILE" in s for s in v["skipped"])
+    assert v["metrics"]["eval_text"].startswith("the built-in neutral text") and "task" not in v["metrics"]
+    assert any("none measured" in s for s in v["skipped"])
     # bad data fails before anything is exported
     long = write(tmp_path, json.dumps({"prompt": " ".join(["w1"] * 70), "completion": " w2"}) + "\n", "long.jsonl")
     out = run_cli("export", "--base", base, "--adapter", tmp_path / "adapter", "--out", tmp_path / "bad", "--quiet",
@@ -128,3 +137,13 @@ def test_export_and_validate_score_the_users_examples(tmp_path):
     assert_clean_error(out, f"--eval-data {broken}, line 2", "not valid JSON")
     assert not (tmp_path / "bad").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".bad")]   # no temporary folder left either
+
+
+def test_compress_calibrates_on_the_same_jsonl(tmp_path):
+    from edge_lora.stages.compress import calibration_texts
+
+    path = write(tmp_path, json.dumps({"prompt": "w1 w2 =>", "completion": " w3"}) + "\n")
+    assert calibration_texts(path) == ["w1 w2 => w3"]
+    bad = write(tmp_path, '{"prompt": "w1"}\n', "bad.jsonl")
+    with pytest.raises(EvalDataError, match=f"--calibration-text {bad}, line 1"):
+        calibration_texts(bad)

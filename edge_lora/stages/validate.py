@@ -76,6 +76,22 @@ def check_eval_data(data, tokenizer, max_positions: int, config: ValidateConfig)
                                 "positions. Shorten the prompt or drop the line.")
 
 
+def require_task_metric(config: ValidateConfig, task: str | None, eval_data, causal: bool, tokenizer) -> None:
+    """A causal LM with a tokenizer is judged on a task or explicitly not: with task = "auto", an adapter that names
+    no task of its own and no --eval-data examples would leave the profile's task budget unmeasured, silently."""
+    from edge_lora.errors import ConfigError
+
+    if config.task != "auto" or task is not None or not causal or tokenizer is None:
+        return
+    if eval_data is not None and eval_data.examples:
+        return
+    given = f"--eval-data {eval_data.path} is plain text" if eval_data is not None else "no --eval-data was given"
+    raise ConfigError(f"validation has no task to measure the profile's task budget (validate.max_exact_match_drop "
+                      f"= {config.max_exact_match_drop:g}) on: the adapter names no task of its own and {given}. "
+                      "Pass --eval-data FILE (JSONL, one {\"prompt\", \"completion\"} per line) with your own "
+                      "examples, or --set validate.task=none to validate on the logit metrics only.")
+
+
 def answer_tokens(data, tokenizer, config: ValidateConfig) -> int:
     """New tokens to generate for --eval-data: the profile's task_max_new_tokens, or more for long answers."""
     longest = max((len(tokenizer(e.target)["input_ids"]) for e in data.examples), default=0)
@@ -239,7 +255,9 @@ def validate(export_dir: str | Path, reference, tokenizer, config: ValidateConfi
     causal = meta.task.startswith("text-generation")
     n = min(config.eval_tokens, _max_positions(model_config))
     skipped: list[str] = []
-    task = _task_of(config, meta, causal, tokenizer, skipped) if eval_data is None else None
+    examples = eval_data is not None and bool(eval_data.examples)
+    task = None if examples else _task_of(config, meta, causal, tokenizer, skipped)
+    require_task_metric(config, task, eval_data, causal, tokenizer)
     check_eval_data(eval_data, tokenizer, _max_positions(model_config), config)
     ids = eval_ids(tokenizer, n, model_config.vocab_size, task, eval_data.text if eval_data is not None else None)
     shortened = ids.shape[1] < n
@@ -285,11 +303,11 @@ def validate(export_dir: str | Path, reference, tokenizer, config: ValidateConfi
         diverged = np.nonzero((ref_gen != cand_gen).any(0))[0]
         metrics["generation_first_divergence"] = int(diverged[0]) if len(diverged) else None
 
-    if eval_data is not None and eval_data.examples and causal:
+    if examples and causal:
         metrics.update(_user_task_metrics(reference, tokenizer, candidate, config, say, eval_data))
-    elif eval_data is not None:
-        skipped.append(f"task metric: --eval-data {eval_data.path} is plain text (or the model is not a causal "
-                       "LM), so only the logit and generation metrics were measured")
+    elif examples:
+        skipped.append(f"task metric: --eval-data {eval_data.path} has prompt/completion examples but the model "
+                       "is not a causal LM, so only the hidden-state metrics were measured")
     elif task is not None:
         key = reference_cache_key(meta, config, task) if config.cache_reference else None
         metrics.update(_task_metrics(reference, tokenizer, candidate, config, say, key, task))
@@ -306,7 +324,11 @@ def validate(export_dir: str | Path, reference, tokenizer, config: ValidateConfi
 
 def _task_of(config: ValidateConfig, meta: ExportMeta, causal: bool, tokenizer, skipped: list[str]) -> str | None:
     """The built-in task to score (the adapter's own, from its metrics.json, with task = "auto"), or None."""
-    task = None if config.task == "none" else config.task
+    if config.task == "none":
+        skipped.append("task metric: none measured (validate.task = \"none\"); the logit and generation metrics "
+                       "only")
+        return None
+    task = config.task
     if task == "auto":
         source = meta.path("reference_adapter") or meta.path("adapter_source")   # the original knows its task
         task = adapter_task(source) if causal and tokenizer is not None else None
