@@ -304,3 +304,26 @@ def test_links_inside_the_install_root(ota, root_v1, tmp_path):
     vroot.symlink_to(elsewhere)
     refused(root_v1, ota.v2, ota.pub, PackageError, "symbolic link", tmp_path)
     assert sorted(p.name for p in elsewhere.iterdir()) == ["1"]
+
+
+SMALL_ORDER = [bytes(32), bytes([1]) + bytes(31), bytes([0xEC]) + b"\xff" * 30 + b"\x7f",
+               bytes.fromhex("26e8958fc2b227b045c3f489f2ef98f0d5dfac05d3c63339b13802886d53fc05"),
+               bytes.fromhex("c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac037a")]
+
+
+@pytest.mark.parametrize("raw", SMALL_ORDER, ids=["zero", "one", "p-1", "order8a", "order8b"])
+def test_small_order_public_keys_are_never_trusted(ota, root_v1, tmp_path, raw):
+    """A small-order Ed25519 key accepts signatures that no private key made; as a file (raw, hex, PEM) and as a
+    key object handed to install, it is refused before any signature is checked."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    from edge_lora.ota.keys import load_public_key
+
+    key = ed25519.Ed25519PublicKey.from_public_bytes(raw)
+    pem = key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    for name, data in (("raw.pub", raw), ("hex.pub", raw.hex().encode()), ("pem.pub", pem)):
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(PackageError, match="refused as a trusted key: it is"):
+            load_public_key(tmp_path / name)
+    refused(root_v1, ota.v2, key, SignatureError, "trusted public key is refused", tmp_path)

@@ -97,6 +97,48 @@ def load_private_key(path: str | os.PathLike):
     return key
 
 
+# Ed25519 (RFC 8032 §5.1): the curve -x² + y² = 1 + d·x²·y² over GF(p)
+_P = 2 ** 255 - 19
+_D = -121665 * pow(121666, _P - 2, _P) % _P
+
+
+def _decode_point(raw: bytes) -> tuple[int, int] | None:
+    """RFC 8032 §5.1.3 decoding; None for an encoding that is not a point (or a non-canonical y ≥ p)."""
+    y = int.from_bytes(raw, "little") & ((1 << 255) - 1)
+    sign = raw[31] >> 7
+    if y >= _P:
+        return None
+    u, v = (y * y - 1) % _P, (_D * y * y + 1) % _P
+    x = u * pow(v, 3, _P) * pow(u * pow(v, 7, _P), (_P - 5) // 8, _P) % _P
+    if v * x * x % _P == (-u) % _P:
+        x = x * pow(2, (_P - 1) // 4, _P) % _P
+    elif v * x * x % _P != u:
+        return None
+    if x == 0 and sign:
+        return None
+    return (_P - x if x & 1 != sign else x), y
+
+
+def _double(pt: tuple[int, int]) -> tuple[int, int]:
+    x, y = pt
+    xx, yy, xy = x * x % _P, y * y % _P, x * y % _P
+    dxy = _D * xx * yy % _P
+    return (2 * xy * pow(1 + dxy, _P - 2, _P) % _P, (yy + xx) * pow(1 - dxy, _P - 2, _P) % _P)
+
+
+def weak_public_key(raw: bytes) -> str | None:
+    """Why a 32-byte Ed25519 public key must not be trusted, or None: not a canonical point, or a point of small
+    order (8·A = identity), for which signatures can be forged without any private key."""
+    pt = _decode_point(raw)
+    if pt is None:
+        return "it is not a canonical encoding of a curve point"
+    for _ in range(3):
+        pt = _double(pt)
+    if pt == (0, 1):
+        return "it is a point of small order (an all-zero or other degenerate key), for which anyone can forge a signature"
+    return None
+
+
 def load_public_key(path: str | os.PathLike):
     """A PEM public key, or a file holding exactly 32 raw bytes / 64 hex digits."""
     from cryptography.hazmat.primitives import serialization
@@ -115,4 +157,7 @@ def load_public_key(path: str | os.PathLike):
                            f"{exc}. Use the {PUBLIC_NAME} written by keygen.") from exc
     if not isinstance(key, ed.Ed25519PublicKey):
         raise PackageError(f"{path} holds a {type(key).__name__}; the trusted key must be Ed25519.")
+    weak = weak_public_key(raw_public(key))
+    if weak:
+        raise PackageError(f"{path} is refused as a trusted key: {weak}. Use the {PUBLIC_NAME} written by keygen.")
     return key

@@ -228,9 +228,19 @@ class Package:
         return self.manifest["payload"]["files"]
 
 
+def check_trusted_key(public_key, where: str) -> None:
+    from edge_lora.ota.keys import raw_public, weak_public_key
+
+    weak = weak_public_key(raw_public(public_key))
+    if weak:   # a small-order key "verifies" signatures nobody made
+        raise SignatureError(f"{where}: the trusted public key is refused: {weak}. Trust only the "
+                             "ota_ed25519.pub that keygen wrote.")
+
+
 def verify_signature(public_key, manifest_bytes: bytes, signature: bytes, where: str) -> None:
     from cryptography.exceptions import InvalidSignature
 
+    check_trusted_key(public_key, where)
     try:
         public_key.verify(signature, manifest_bytes)
     except InvalidSignature as exc:
@@ -243,6 +253,7 @@ def open_package(source, public_key, limits: Limits = DEFAULT_LIMITS) -> Package
     """Framing, signature (against the trusted key), manifest schema, and each entry's size and sha256."""
     from edge_lora.ota.keys import key_id
 
+    check_trusted_key(public_key, str(source))
     raw: RawContainer = read_container(source, limits)
     where = raw.path
     trusted = key_id(public_key)
