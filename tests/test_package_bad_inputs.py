@@ -327,3 +327,31 @@ def test_small_order_public_keys_are_never_trusted(ota, root_v1, tmp_path, raw):
         with pytest.raises(PackageError, match="refused as a trusted key: it is"):
             load_public_key(tmp_path / name)
     refused(root_v1, ota.v2, key, SignatureError, "trusted public key is refused", tmp_path)
+
+
+def test_the_device_verbs_run_without_torch_or_onnx(ota, tmp_path):
+    """docs/ota.md: a device needs numpy, zstandard and cryptography. verify, install (factors probe, base by
+    folder), list and rollback run with torch, transformers, PEFT and ONNX made unimportable."""
+    import subprocess
+    import sys
+
+    blocked = ("torch", "transformers", "peft", "onnx", "onnxruntime", "optimum", "onnx_ir", "tensorly")
+    runner = ("import runpy, sys\n"
+              f"for m in {blocked!r}:\n    sys.modules[m] = None\n"
+              "sys.argv = ['edge_lora'] + sys.argv[1:]\nrunpy.run_module('edge_lora', run_name='__main__')\n")
+
+    def device(*args):
+        return subprocess.run([sys.executable, "-c", runner, *map(str, args)], capture_output=True, text=True,
+                              timeout=120)
+
+    root = tmp_path / "root"
+    root.mkdir()
+    steps = [("verify", ota.v3, "--pubkey", ota.pub_path),
+             ("install", ota.v1, "--pubkey", ota.pub_path, "--root", root, "--base", ota.base),
+             ("install", ota.v3, "--pubkey", ota.pub_path, "--root", root),
+             ("list", "--root", root),
+             ("rollback", "--id", "tiny-ota", "--root", root)]
+    for args in steps:
+        out = device(*args)
+        assert out.returncode == 0, (args[0], out.stderr[-2000:])
+        assert "Traceback" not in out.stderr
