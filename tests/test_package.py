@@ -265,3 +265,22 @@ def test_export_folder_with_ort_adapter(ota, tmp_path):
     install(tmp_path / "e2.elpkg", ota.pub, root)
     assert (root / "tiny-ota" / "versions" / "2" / "model.onnx_adapter").read_bytes() == \
         ort2
+
+
+def test_rollback_and_list_respect_the_base_binding(ota, root_v1):
+    """After the device's base changes, a version built for the old base is never made current by rollback,
+    and list says when the current one is built for another base."""
+    from edge_lora.base import base_content_hash
+    from edge_lora.ota import BaseMismatchError
+
+    install(ota.v2, ota.pub, root_v1)
+    other = base_content_hash(ota.other_base)
+    install(ota.v3, ota.pub, root_v1)
+    before = snapshot(root_v1)
+    with pytest.raises(BaseMismatchError, match="wrong base"):
+        rollback(root_v1, "tiny-ota", base=other)
+    assert snapshot(root_v1) == before
+    (root_v1 / "base.json").write_text(json.dumps({"content_hash": other, "source": "test"}))
+    assert list_installed(root_v1)[0]["status"].startswith("wrong base: version 3")
+    with pytest.raises(BaseMismatchError, match="version 2 was built for base model"):
+        rollback(root_v1, "tiny-ota")

@@ -422,6 +422,12 @@ def rollback(root, adapter_id: str, to: int | None = None, public_key=None, base
                                    f"{state['version']} and {state['previous']}.")
         vdir = version_dir(root, adapter_id, target)
         manifest = installed_manifest(root, adapter_id, target)
+        base_hash, base_src = device_base_hash(root, base)
+        if manifest["base"]["content_hash"] != base_hash:
+            raise BaseMismatchError(
+                f"{adapter_id}: version {target} was built for base model {manifest['base']['content_hash'][:16]}… "
+                f"but this device's base is {base_hash[:16]}… (from {base_src}); rolling back to it would run an "
+                "adapter on the wrong base. Install a version built for this base instead.")
         if public_key is not None:
             from edge_lora.ota.manifest import verify_signature
 
@@ -459,6 +465,10 @@ def list_installed(root) -> list[dict]:
         try:
             check_installed(root, adir.name)
             row["status"] = "ok"
+            built_for = installed_manifest(root, adir.name, state["version"])["base"]["content_hash"]
+            if (root / BASE_FILE).is_file() and built_for != device_base_hash(root)[0]:
+                row["status"] = (f"wrong base: version {state['version']} is built for {built_for[:16]}…, not "
+                                 "this device's base; install a version built for it")
         except PackageError as exc:
             row["status"] = f"damaged: {exc}"
         out.append(row)
