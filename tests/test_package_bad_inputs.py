@@ -355,3 +355,32 @@ def test_the_device_verbs_run_without_torch_or_onnx(ota, tmp_path):
         out = device(*args)
         assert out.returncode == 0, (args[0], out.stderr[-2000:])
         assert "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("aid", ["base.json", "BASE.JSON", "con", "NUL.txt", "lpt1", "ends-with-dot."])
+def test_reserved_adapter_ids_are_refused_by_packager_and_device(ota, root_v1, tmp_path, aid):
+    """An id is a folder beside ROOT/base.json: the root's own names, Windows device names and trailing dots
+    would turn into something else on some device file system."""
+    from edge_lora.ota import UnsafeEntryError
+    from edge_lora.stages.package import build_package
+
+    with pytest.raises(UnsafeEntryError, match="reserved"):
+        build_package(ota.a1, key=ota.priv, version=5, base=ota.base, base_hash=ota.base_hash, out=tmp_path / "x",
+                      adapter_id=aid, probes=("factors",))
+    assert not (tmp_path / "x").exists()
+
+    def rename(m):
+        m["adapter_id"] = aid
+
+    refused(root_v1, resign(ota.v2.read_bytes(), ota.priv, mutate_manifest=rename), ota.pub, UnsafeEntryError, "reserved",
+            tmp_path)
+
+
+def test_ids_that_differ_only_in_case_are_one_folder(ota, root_v1, tmp_path):
+    from edge_lora.ota import InstallRootError
+
+    def rename(m):
+        m["adapter_id"] = "TINY-ota"
+
+    refused(root_v1, resign(ota.v2.read_bytes(), ota.priv, mutate_manifest=rename), ota.pub, InstallRootError,
+            "only in case", tmp_path)

@@ -75,6 +75,25 @@ class RawContainer:
     entries: list[RawEntry]
 
 
+ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
+# what an adapter id must not be, as the name of a folder beside ROOT/base.json on any file system a device uses
+ROOT_RESERVED = {"base.json"}
+_WINDOWS_DEVICES = re.compile(r"(con|prn|aux|nul|com[0-9¹²³]|lpt[0-9¹²³])(\..*)?", re.IGNORECASE)
+
+
+def check_adapter_id(aid: object, where: str) -> str:
+    """An adapter id names a folder in the install root: a plain, portable name that is none of the root's own
+    files (compared without case: some device file systems ignore it) and no Windows device name."""
+    if not isinstance(aid, str) or not re.fullmatch(ID_PATTERN, aid):
+        raise UnsafeEntryError(f"{where}: adapter_id {str(aid)[:80]!r} must match {ID_PATTERN} (it names a "
+                               "folder in the install root).")
+    if aid.lower() in ROOT_RESERVED or _WINDOWS_DEVICES.fullmatch(aid) or aid.endswith("."):
+        raise UnsafeEntryError(f"{where}: adapter_id {aid!r} is reserved (the install root's own "
+                               f"{', '.join(sorted(ROOT_RESERVED))}, a Windows device name, or a trailing '.'); "
+                               "choose another id.")
+    return aid
+
+
 def check_name(name: object, where: str) -> str:
     """Payload and entry names are flat file names. Raise UnsafeEntryError naming what is wrong."""
     if not isinstance(name, str) or not name:

@@ -32,13 +32,14 @@ import tempfile
 from pathlib import Path
 
 from edge_lora.ota import codec
-from edge_lora.ota.container import DEFAULT_LIMITS, Limits, fsync_dir, write_atomic
+from edge_lora.ota.container import DEFAULT_LIMITS, Limits, check_adapter_id, fsync_dir, write_atomic
 from edge_lora.ota.errors import (
     BaseMismatchError,
     DeltaError,
     FormatError,
     InstallRootError,
     PackageError,
+    UnsafeEntryError,
     VersionError,
 )
 from edge_lora.ota.manifest import Package, decode_payload, open_package, parse_manifest, payload_digest
@@ -61,9 +62,18 @@ def _no_link(path: Path, what: str) -> Path:
 
 def _adapter_dir(root: Path, adapter_id: str) -> Path:
     """ROOT/<adapter_id>. The root itself may be a link (the device's choice); nothing inside it may be."""
-    if not isinstance(adapter_id, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", adapter_id):
-        raise InstallRootError(f"{adapter_id!r} is not a valid adapter id ([A-Za-z0-9][A-Za-z0-9._-]{{0,63}}).")
-    return _no_link(Path(root) / adapter_id, "an adapter folder")
+    try:
+        check_adapter_id(adapter_id, str(root))
+    except UnsafeEntryError as exc:
+        raise InstallRootError(str(exc)) from None
+    root = Path(root)
+    if root.is_dir():   # "Foo" and "foo" are one folder where the file system ignores case: one id only
+        clash = [p.name for p in root.iterdir() if p.name.lower() == adapter_id.lower() and p.name != adapter_id]
+        if clash:
+            raise InstallRootError(f"adapter id {adapter_id!r} differs from the installed {clash[0]!r} only in "
+                                   "case; on many device file systems they are the same folder. Use the installed "
+                                   "id, or another one.")
+    return _no_link(root / adapter_id, "an adapter folder")
 
 
 def read_state(root: str | os.PathLike, adapter_id: str) -> dict | None:

@@ -12,7 +12,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from edge_lora.ota import codec
-from edge_lora.ota.container import DEFAULT_LIMITS, Limits, RawContainer, check_name, read_container
+from edge_lora.ota.container import (
+    DEFAULT_LIMITS,
+    Limits,
+    RawContainer,
+    check_adapter_id,
+    check_name,
+    read_container,
+)
 from edge_lora.ota.errors import (
     DeltaError,
     FormatError,
@@ -27,7 +34,6 @@ FORMAT_VERSION = 1
 ENCODINGS_FULL = {"zstd"}
 ENCODINGS_DELTA = {"zstd", "zstd-patch", "copy-ops"}
 MAX_VERSION = 2**53 - 1
-_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _HEX16 = re.compile(r"[0-9a-f]{16}")
 _TOP_KEYS = {"format", "format_version", "adapter_id", "version", "signer", "base", "requirements", "payload",
@@ -119,10 +125,7 @@ def parse_manifest(data: bytes, where: str, limits: Limits) -> dict:
         raise FormatError(f"{w}: format_version {fv} is not supported (this reader knows {FORMAT_VERSION}); "
                           "update edge_lora on the device.")
     _exact_keys(m, _TOP_KEYS, w)
-    aid = _get(m, "adapter_id", str, w)
-    if not _ID_RE.fullmatch(aid):
-        raise UnsafeEntryError(f"{w}: adapter_id {aid[:80]!r} must match [A-Za-z0-9][A-Za-z0-9._-]{{0,63}} (it "
-                               "names a folder in the install root).")
+    aid = check_adapter_id(_get(m, "adapter_id", str, w), w)
     version = _get(m, "version", int, w)
     if not 1 <= version <= MAX_VERSION:
         raise FormatError(f"{w}: version {version} must be an integer from 1 to {MAX_VERSION}.")

@@ -21,7 +21,7 @@ from edge_lora.report import StageReport
 from edge_lora.files import SafetensorsHeaderError, parse_safetensors_header, read_safetensors_header
 from edge_lora.formats.export_meta import FILE as EXPORT_META, MODEL_FILE, ExportMeta
 from edge_lora.ota import codec
-from edge_lora.ota.container import DEFAULT_LIMITS, Limits, check_name, pack_container, write_atomic
+from edge_lora.ota.container import DEFAULT_LIMITS, Limits, check_adapter_id, check_name, pack_container, write_atomic
 from edge_lora.ota.manifest import FORMAT, FORMAT_VERSION, canonical_json, open_package, payload_digest
 from edge_lora.ota.probe import (
     CONFIG_NAME,
@@ -210,8 +210,7 @@ def build_package(src, key, version: int, base, out, from_package=None, adapter_
     priv = load_private_key(key) if isinstance(key, (str, os.PathLike)) else key
     pub = priv.public_key()
     adapter_id = adapter_id or src.name
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", adapter_id):
-        raise PackageError(f"adapter id {adapter_id!r} must match [A-Za-z0-9][A-Za-z0-9._-]{{0,63}}; pass --id.")
+    check_adapter_id(adapter_id, "--id")
     payload = collect_payload(src, limits)
     base_path = resolve_base(base)
     bhash = base_hash or base_content_hash(base_path)
