@@ -384,3 +384,29 @@ def test_ids_that_differ_only_in_case_are_one_folder(ota, root_v1, tmp_path):
 
     refused(root_v1, resign(ota.v2.read_bytes(), ota.priv, mutate_manifest=rename), ota.pub, InstallRootError,
             "only in case", tmp_path)
+
+
+def test_manifest_signer_and_base_take_no_unknown_keys(ota, root_v1, tmp_path):
+    def extra_base(m):
+        m["base"]["trust_me"] = True
+
+    def extra_signer(m):
+        m["signer"]["comment"] = "x"
+
+    refused(root_v1, resign(ota.v2.read_bytes(), ota.priv, mutate_manifest=extra_base), ota.pub, FormatError,
+            r"manifest.base: unknown key\(s\) \['trust_me'\]", tmp_path)
+    refused(root_v1, resign(ota.v2.read_bytes(), ota.priv, mutate_manifest=extra_signer), ota.pub, FormatError,
+            r"manifest.signer: unknown key\(s\) \['comment'\]", tmp_path)
+
+
+def test_packager_refuses_versions_no_device_accepts_and_verify_a_missing_root(ota, tmp_path):
+    from edge_lora.ota import InstallRootError
+    from edge_lora.ota.install import verify_package
+    from edge_lora.stages.package import build_package
+
+    with pytest.raises(PackageError, match="from 1 to 9007199254740991"):
+        build_package(ota.a1, key=ota.priv, version=2**53, base=ota.base, base_hash=ota.base_hash,
+                      out=tmp_path / "x", probes=("factors",))
+    assert not (tmp_path / "x").exists()
+    with pytest.raises(InstallRootError, match="is not a folder"):
+        verify_package(ota.v1, ota.pub, root=tmp_path / "nonexistent")

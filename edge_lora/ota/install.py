@@ -244,6 +244,9 @@ def check_against_device(pkg: Package, state: dict | None, base_hash: str | None
 def verify_package(source, public_key, root=None, base=None, limits: Limits = DEFAULT_LIMITS,
                    run_probe: bool = True, probe_base=None, probe_export=None) -> dict:
     """Every check install makes, writing nothing. Returns a report; raises a PackageError on failure."""
+    if root is not None and not Path(root).is_dir():
+        raise InstallRootError(f"--root {root} is not a folder: there is no install root to verify against. Pass "
+                               "the device's install root, or leave --root out to check the package alone.")
     pkg = open_package(source, public_key, limits)
     m = pkg.manifest
     report = {"package": pkg.path, "adapter_id": m["adapter_id"], "version": m["version"],

@@ -129,8 +129,10 @@ def parse_manifest(data: bytes, where: str, limits: Limits) -> dict:
     version = _get(m, "version", int, w)
     if not 1 <= version <= MAX_VERSION:
         raise FormatError(f"{w}: version {version} must be an integer from 1 to {MAX_VERSION}.")
-    _hex(_get(m, "signer", dict, w), "key_id", f"{w}.signer", _HEX16)
-    _hex(_get(m, "base", dict, w), "content_hash", f"{w}.base")
+    _exact_keys(_get(m, "signer", dict, w), {"key_id"}, f"{w}.signer")
+    _hex(m["signer"], "key_id", f"{w}.signer", _HEX16)
+    _exact_keys(_get(m, "base", dict, w), {"content_hash", "name", "architecture"}, f"{w}.base")
+    _hex(m["base"], "content_hash", f"{w}.base")
     for key in ("requirements", "compression", "validation"):
         _get(m, key, dict, w)
 

@@ -205,8 +205,11 @@ def build_package(src, key, version: int, base, out, from_package=None, adapter_
 
     t0 = time.perf_counter()
     src = Path(src)
-    if type(version) is not int or version < 1:
-        raise PackageError(f"--version must be a positive integer, not {version!r}.")
+    from edge_lora.ota.manifest import MAX_VERSION
+
+    if type(version) is not int or not 1 <= version <= MAX_VERSION:
+        raise PackageError(f"--version must be an integer from 1 to {MAX_VERSION} (what every device accepts), "
+                           f"not {version!r}.")
     priv = load_private_key(key) if isinstance(key, (str, os.PathLike)) else key
     pub = priv.public_key()
     adapter_id = adapter_id or src.name
