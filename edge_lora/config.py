@@ -441,6 +441,17 @@ def parse_profile(data: dict, name: str, source: str | None = None,
     stages = head.get("stages", ["merge", "export", "validate"])
     if not isinstance(stages, list) or not all(isinstance(s, str) for s in stages):
         raise ProfileError(f"{where}: [profile] stages must be a list of stage names.")
+    if not stages:
+        raise ProfileError(f"{where}: [profile] stages is empty; a profile runs at least one of "
+                           f"{', '.join(STAGE_CONFIGS)}.")
+    twice = sorted({s for s in stages if stages.count(s) > 1})
+    if twice:
+        raise ProfileError(f"{where}: stage(s) {twice} appear more than once in [profile] stages (a second merge "
+                           "would apply the adapter twice); list each stage once.")
+    order = list(STAGE_CONFIGS)
+    if all(s in STAGE_CONFIGS for s in stages) and stages != sorted(stages, key=order.index):
+        raise ProfileError(f"{where}: [profile] stages {stages} are out of order; stages run in the order "
+                           f"{', '.join(order)}.")
     bad = [s for s in stages if s not in STAGE_CONFIGS]
     if bad:
         raise ProfileError(f"{where}: unknown stage(s) {bad} in [profile] stages. Known: {', '.join(STAGE_CONFIGS)}.")

@@ -87,3 +87,13 @@ def test_unknown_profile_name_lists_available():
 
 def test_defaults_are_valid():
     ExportConfig(), ValidateConfig(), MergeConfig()
+
+
+@pytest.mark.parametrize("stages, match", [
+    ([], "stages is empty"),
+    (["merge", "merge", "export"], r"\['merge'\] appear more than once"),
+    (["merge", "validate", "export"], "out of order"),
+])
+def test_stage_lists_that_cannot_mean_what_they_say(stages, match):
+    with pytest.raises(ProfileError, match=match):
+        parse_profile({"profile": {"stages": stages}}, "t", None, [])
