@@ -43,13 +43,17 @@ def make_adapter(folder, seed: int = 1, change_layer: int | None = None, change_
 
 
 def snapshot(root) -> dict:
-    """Everything under an install root: path -> ('d',) | ('f', sha256, mode) | ('l', target)."""
+    """Everything under an install root: path -> ('d',) | ('f', sha256, mode) | ('l', target). The root's lock
+    file (an empty ROOT/.lock, created by the first installer and never removed: removing a lock file races) is
+    infrastructure, not content; anything else is compared."""
     out = {}
     root = Path(root)
     for dirpath, dirnames, filenames in os.walk(root):
         for n in dirnames + filenames:
             p = Path(dirpath) / n
             rel = str(p.relative_to(root))
+            if rel == ".lock" and p.is_file() and not p.is_symlink() and p.stat().st_size == 0:
+                continue
             if p.is_symlink():
                 out[rel] = ("l", os.readlink(p))
             elif p.is_dir():

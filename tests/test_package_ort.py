@@ -144,7 +144,7 @@ def test_probe_mismatch_other_adapter_is_refused(ota_ort, pkg_x, tmp_path):
     bad = resign(pkg_x[0].read_bytes(), ota_ort.priv, mm, me)
     root = _root(tmp_path)
     refused(root, bad, ota_ort.pub, "ort probe: position", tmp_path, base=ota_ort.base_hash, export=ota_ort.export)
-    assert list(root.iterdir()) == []
+    assert snapshot(root) == {}
 
 
 def test_probe_mismatch_tampered_expectation_is_refused(ota_ort, pkg_x, tmp_path):
@@ -163,10 +163,10 @@ def test_wrong_export_is_refused(ota_ort, pkg_x, tmp_path):
     root = _root(tmp_path)
     refused(root, pkg_x[0], ota_ort.pub, "not the export the package was built for", tmp_path,
             base=ota_ort.base_hash, export=ota_ort.other_export)
-    assert list(root.iterdir()) == []
+    assert snapshot(root) == {}
     with pytest.raises(PackageError, match="not a hot-swap export"):  # --export names no export at all
         install(pkg_x[0], ota_ort.pub, root, base=ota_ort.base_hash, export=tmp_path)
-    assert list(root.iterdir()) == []
+    assert snapshot(root) == {}
 
 
 def test_package_refuses_export_of_another_base(ota_ort, tmp_path):

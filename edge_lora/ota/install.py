@@ -11,7 +11,7 @@ Install root layout::
                                           replaced atomically (temp file, fsync, rename, fsync folder)
     ROOT/<adapter_id>/versions/<N>/       one installed version: the payload files, manifest.json (the signed
                                           bytes) and manifest.sig; only `current` and `previous` are kept
-    ROOT/<adapter_id>/.lock               flock'ed by installers and rollbacks (one at a time)
+    ROOT/.lock                            flock'ed by every install and rollback (one mutation at a time)
     ROOT/<adapter_id>/.staging-*          a version being written; removed by the next install if one was killed
 
 Order of an install: read + verify everything (signature, schema, hashes, base, version, delta) without writing;
@@ -47,6 +47,7 @@ from edge_lora.ota.probe import run_probes
 
 POINTER = "current"
 VERSIONS = "versions"
+LOCK = ".lock"
 BASE_FILE = "base.json"
 STATE_FORMAT = 1
 _HEX64 = re.compile(r"[0-9a-f]{64}")
@@ -284,8 +285,18 @@ def verify_package(source, public_key, root=None, base=None, limits: Limits = DE
 
 # --------------------------------------------------------------------------------------------- install
 @contextlib.contextmanager
-def _locked(adir: Path):
-    fd = os.open(adir / ".lock", os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+def _locked(root: Path):
+    """ROOT/.lock, held by every mutation of the root (install, rollback): one lock, so that an installer that
+    created an adapter folder can remove it again on failure without another one being inside it."""
+    path = Path(root) / LOCK
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise OSError(0, "not a regular file")
+    except OSError as exc:
+        raise InstallRootError(f"{path} cannot be used as the install root's lock file ({exc.strerror or exc}); "
+                               "it must be a regular file (or absent). Remove it if nothing is installing.") from exc
     try:
         try:
             import fcntl
@@ -332,6 +343,24 @@ def _write_pointer(adir: Path, adapter_id: str, version: int, previous: int | No
     write_atomic(adir / POINTER, json.dumps(state, indent=1).encode() + b"\n")
 
 
+def _record_base(root: Path, content_hash: str, base, probe_base, export, probe_export) -> None:
+    if base is None and export is None:
+        return
+    rec = root / BASE_FILE
+    try:
+        old = json.loads(rec.read_text()) if rec.is_file() else {}
+        old = old if isinstance(old, dict) else {}
+    except (OSError, ValueError):
+        old = {}
+    new = dict(old)
+    if base is not None and old.get("content_hash") != content_hash:
+        new.update(content_hash=content_hash, source=str(probe_base or base))
+    if export is not None:
+        new["export"] = str(probe_export)
+    if new != old:
+        write_atomic(rec, json.dumps(new, indent=1).encode() + b"\n")
+
+
 def install(source, public_key, root, base=None, limits: Limits = DEFAULT_LIMITS, export=None) -> dict:
     """Verify and install a package under ``root``. Returns a report. On any error the root is unchanged
     (apart from leftovers of earlier killed installs, which are collected). ``export``: the device's hot-swap
@@ -351,12 +380,13 @@ def install(source, public_key, root, base=None, limits: Limits = DEFAULT_LIMITS
     rep = verify_package(source, public_key, root, base, limits, run_probe=False)
     pkg, files = rep.pop("_pkg"), rep.pop("_files")
     m, aid, version = pkg.manifest, pkg.manifest["adapter_id"], pkg.manifest["version"]
-    adir = _adapter_dir(root, aid)
-    created = not adir.exists()
-    adir.mkdir(exist_ok=True)
     staging = None
-    try:
-        with _locked(adir):
+    created = False
+    with _locked(root):   # the clean-up below runs under the lock too: nobody else is inside a folder it removes
+        try:
+            adir = _adapter_dir(root, aid)
+            created = not adir.exists()
+            adir.mkdir(exist_ok=True)
             state = read_state(root, aid)
             if state != rep.pop("_state"):  # another installer ran meanwhile: check again
                 check_against_device(pkg, state, None)
@@ -379,6 +409,9 @@ def install(source, public_key, root, base=None, limits: Limits = DEFAULT_LIMITS
                                            "the storage is failing. Nothing was switched.")
                 staged[f["name"]] = data
             rep["probes"] = run_probes(m["probes"], staged, staging, probe_base, probe_export)
+            # the base record before the commit: a kill after the pointer write must not lose it (re-running the
+            # same install is then refused as a replay)
+            _record_base(root, m["base"]["content_hash"], base, probe_base, export, probe_export)
             vdir = adir / VERSIONS / str(version)
             os.rename(staging, vdir)
             staging = None
@@ -389,27 +422,12 @@ def install(source, public_key, root, base=None, limits: Limits = DEFAULT_LIMITS
             created = False
             new_state = read_state(root, aid)
             _collect_garbage(adir, new_state)
-        if base is not None or export is not None:
-            rec = root / BASE_FILE
-            h = m["base"]["content_hash"]
-            try:
-                old = json.loads(rec.read_text()) if rec.is_file() else {}
-                old = old if isinstance(old, dict) else {}
-            except (OSError, ValueError):
-                old = {}
-            new = dict(old)
-            if base is not None and old.get("content_hash") != h:
-                new.update(content_hash=h, source=str(probe_base or base))
-            if export is not None:
-                new["export"] = str(probe_export)
-            if new != old:
-                write_atomic(rec, json.dumps(new, indent=1).encode() + b"\n")
-    except BaseException:
-        if staging is not None and staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
-        if created:
-            shutil.rmtree(adir, ignore_errors=True)
-        raise
+        except BaseException:
+            if staging is not None and staging.exists():
+                shutil.rmtree(staging, ignore_errors=True)
+            if created:
+                shutil.rmtree(adir, ignore_errors=True)
+            raise
     rep.update(installed=str(adir / VERSIONS / str(version)), previous=previous)
     return rep
 
@@ -424,7 +442,7 @@ def rollback(root, adapter_id: str, to: int | None = None, public_key=None, base
     if state is None:
         raise InstallRootError(f"{adapter_id} is not installed under {root}; nothing to roll back.")
     adir = _adapter_dir(root, adapter_id)
-    with _locked(adir):
+    with _locked(root):
         state = read_state(root, adapter_id)
         target = to if to is not None else state["previous"]
         if target is None or target == state["version"]:
