@@ -410,3 +410,12 @@ def test_packager_refuses_versions_no_device_accepts_and_verify_a_missing_root(o
     assert not (tmp_path / "x").exists()
     with pytest.raises(InstallRootError, match="is not a folder"):
         verify_package(ota.v1, ota.pub, root=tmp_path / "nonexistent")
+
+
+@pytest.mark.parametrize("name", ["adapter_model.bin", "weights.PT", "model.ckpt"])
+def test_pickled_checkpoints_are_never_installed(ota, root_v1, tmp_path, name):
+    """A signed package that carries a pickle (PEFT would torch.load adapter_model.bin when no safetensors file is
+    there) is refused by its entry names, before anything is written."""
+    mm, me = rename_entry(W, name)
+    refused(root_v1, resign(ota.v2.read_bytes(), ota.priv, mm, me), ota.pub, UnsafeEntryError,
+            "pickled checkpoint", tmp_path)

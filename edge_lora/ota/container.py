@@ -37,6 +37,8 @@ KEY_ID_BYTES = 8
 MAX_NAME_BYTES = 128
 ENTRY_TYPES = {0: "regular file", 1: "symbolic link", 2: "hard link", 3: "directory"}
 RESERVED_NAMES = {"manifest.json", "manifest.sig", "current", "base.json"}
+# PEFT falls back to torch.load for these when no safetensors file is present: never ship or install one
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
 
 
@@ -113,6 +115,9 @@ def check_name(name: object, where: str) -> str:
                                "characters outside [A-Za-z0-9._+-] (or starts with one of '._+-').")
     if name in RESERVED_NAMES:
         raise UnsafeEntryError(f"{where}: entry name {name!r} is reserved for the installer's own files.")
+    if name.lower().endswith(PICKLE_SUFFIXES):
+        raise UnsafeEntryError(f"{where}: entry {name!r} is a pickled checkpoint; loading one can run any code, "
+                               "so packages never carry them. Re-save the adapter with safe_serialization=True.")
     return name
 
 

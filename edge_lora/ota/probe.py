@@ -179,8 +179,14 @@ def _torch_outputs(base_model, adapter_dir: str | None, input_ids: list[list[int
 
     model = base_model
     if adapter_dir is not None:
+        from pathlib import Path
+
         from peft import PeftModel
 
+        if not (Path(adapter_dir) / "adapter_model.safetensors").is_file():
+            # without it PEFT would look for adapter_model.bin and unpickle it
+            raise ProbeError(f"torch-logits probe: {adapter_dir} has no adapter_model.safetensors; refusing to let "
+                             "PEFT fall back to a pickled checkpoint.")
         model = PeftModel.from_pretrained(base_model, adapter_dir, is_trainable=False)
     model.eval()
     with torch.no_grad():
