@@ -419,3 +419,33 @@ def test_pickled_checkpoints_are_never_installed(ota, root_v1, tmp_path, name):
     mm, me = rename_entry(W, name)
     refused(root_v1, resign(ota.v2.read_bytes(), ota.priv, mm, me), ota.pub, UnsafeEntryError,
             "pickled checkpoint", tmp_path)
+
+
+def test_an_unsigned_huge_file_is_refused_before_it_is_read(ota, tmp_path):
+    """Authentication first: a 1.5 GB file (sparse, a real package's head with a forged signature) is refused
+    with a few MB of memory, not the file's size (measured before: 3.9 GB peak for 1.9 GB)."""
+    import subprocess
+    import sys
+
+    data = bytearray(ota.v2.read_bytes())
+    head = 22 + int.from_bytes(data[18:22], "big")
+    data[head] ^= 0xFF   # first byte of the signature
+    big = tmp_path / "huge.elpkg"
+    with open(big, "wb") as f:
+        f.write(data)
+        f.seek(1_500_000_000)
+        f.write(b"\0")
+    code = ("import resource, sys\n"
+            "from edge_lora.ota.install import verify_package\n"
+            "from edge_lora.ota.keys import load_public_key\n"
+            "from edge_lora.errors import PackageError\n"
+            "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+            "try:\n"
+            f"    verify_package({str(big)!r}, load_public_key({str(ota.pub_path)!r}))\n"
+            "except PackageError as exc:\n"
+            "    print(type(exc).__name__, str(exc)[:120])\n"
+            "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    lines = out.stdout.strip().splitlines()
+    assert out.returncode == 0 and lines[0].startswith("SignatureError"), out.stdout + out.stderr[-2000:]
+    assert int(lines[-1]) < 100, f"peak RSS grew by {lines[-1]} MB while refusing an unsigned file"

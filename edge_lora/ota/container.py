@@ -140,6 +140,28 @@ class _Reader:
         return struct.unpack(fmt, self.take(struct.calcsize(fmt), what))[0]
 
 
+HEAD_BYTES = len(MAGIC) + 2 + KEY_ID_BYTES + 4   # magic, version, key id hint, manifest length
+
+
+def _head(r: "_Reader", path: str, limits: Limits) -> tuple[str, bytes, bytes]:
+    magic = r.take(len(MAGIC), "the magic number")
+    if magic != MAGIC:
+        raise FormatError(f"{path} is not an edge_lora OTA package (bad magic {magic!r}). Build one with "
+                          "`python -m edge_lora package`.")
+    version = r.uint(">H", "the container version")
+    if version != CONTAINER_VERSION:
+        raise FormatError(f"{path}: container version {version} is not supported (this reader knows "
+                          f"{CONTAINER_VERSION}); update edge_lora on the device.")
+    key_hint = r.take(KEY_ID_BYTES, "the signer key id").hex()
+    mlen = r.uint(">I", "the manifest length")
+    if mlen > limits.max_manifest_bytes:
+        raise SizeLimitError(f"{path}: manifest of {mlen} bytes exceeds the limit of "
+                             f"{limits.max_manifest_bytes} bytes.")
+    manifest = r.take(mlen, "the manifest")
+    signature = r.take(SIGNATURE_BYTES, "the signature")
+    return key_hint, manifest, signature
+
+
 def read_container(source: str | os.PathLike | bytes, limits: Limits) -> RawContainer:
     """Parse the framing. ``source`` is a path or the package bytes."""
     if isinstance(source, (bytes, bytearray)):
@@ -161,21 +183,7 @@ def read_container(source: str | os.PathLike | bytes, limits: Limits) -> RawCont
         if len(data) > limits.max_package_bytes:
             raise SizeLimitError(f"{path} grew past the package limit while being read.")
     r = _Reader(data, path)
-    magic = r.take(len(MAGIC), "the magic number")
-    if magic != MAGIC:
-        raise FormatError(f"{path} is not an edge_lora OTA package (bad magic {magic!r}). Build one with "
-                          "`python -m edge_lora package`.")
-    version = r.uint(">H", "the container version")
-    if version != CONTAINER_VERSION:
-        raise FormatError(f"{path}: container version {version} is not supported (this reader knows "
-                          f"{CONTAINER_VERSION}); update edge_lora on the device.")
-    key_hint = r.take(KEY_ID_BYTES, "the signer key id").hex()
-    mlen = r.uint(">I", "the manifest length")
-    if mlen > limits.max_manifest_bytes:
-        raise SizeLimitError(f"{path}: manifest of {mlen} bytes exceeds the limit of "
-                             f"{limits.max_manifest_bytes} bytes.")
-    manifest = r.take(mlen, "the manifest")
-    signature = r.take(SIGNATURE_BYTES, "the signature")
+    key_hint, manifest, signature = _head(r, path, limits)
     count = r.uint(">I", "the entry count")
     if count > limits.max_entries:
         raise SizeLimitError(f"{path}: {count} entries exceeds the limit of {limits.max_entries}.")
@@ -209,6 +217,24 @@ def read_container(source: str | os.PathLike | bytes, limits: Limits) -> RawCont
         raise FormatError(f"{path}: {r.left()} unexpected bytes after the last entry (a package ends with its "
                           "last entry). The file was appended to or is not a package.")
     return RawContainer(path, key_hint, manifest, signature, entries)
+
+
+def read_head(source: str | os.PathLike | bytes, limits: Limits) -> tuple[str, str, bytes, bytes]:
+    """(path, key id hint, manifest bytes, signature): only the framing's head, so the signature can be checked
+    before anything proportional to the file is read (an unsigned 2 GB file costs a few KB)."""
+    if isinstance(source, (bytes, bytearray)):
+        path, data = "<package bytes>", bytes(source[:HEAD_BYTES + limits.max_manifest_bytes + SIGNATURE_BYTES])
+    else:
+        path = str(source)
+        try:
+            with open(path, "rb") as f:
+                data = f.read(HEAD_BYTES)
+                if len(data) == HEAD_BYTES and data[:len(MAGIC)] == MAGIC:
+                    mlen = struct.unpack(">I", data[HEAD_BYTES - 4:])[0]
+                    data += f.read(min(mlen, limits.max_manifest_bytes + 1) + SIGNATURE_BYTES)
+        except OSError as exc:
+            raise FormatError(f"Cannot read package {path}: {exc.strerror or exc}.") from exc
+    return (path, *_head(_Reader(data, path), path, limits))
 
 
 def pack_container(manifest_bytes: bytes, signature: bytes, key_id_hex: str,

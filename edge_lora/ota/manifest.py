@@ -19,6 +19,7 @@ from edge_lora.ota.container import (
     check_adapter_id,
     check_name,
     read_container,
+    read_head,
 )
 from edge_lora.ota.errors import (
     DeltaError,
@@ -259,14 +260,18 @@ def open_package(source, public_key, limits: Limits = DEFAULT_LIMITS) -> Package
     from edge_lora.ota.keys import key_id
 
     check_trusted_key(public_key, str(source))
-    raw: RawContainer = read_container(source, limits)
-    where = raw.path
+    # authenticate the head first: nothing proportional to the file is read for an unsigned one
+    where, hint, head_manifest, head_signature = read_head(source, limits)
     trusted = key_id(public_key)
-    if raw.key_id_hint != trusted:
-        raise SignatureError(f"{where} is not signed by the trusted key: it names signer key {raw.key_id_hint}, "
+    if hint != trusted:
+        raise SignatureError(f"{where} is not signed by the trusted key: it names signer key {hint}, "
                              f"the trusted public key is {trusted}. Install only packages from your own "
                              "publisher, or pass that publisher's public key with --pubkey.")
-    verify_signature(public_key, raw.manifest_bytes, raw.signature, where)
+    verify_signature(public_key, head_manifest, head_signature, where)
+    raw: RawContainer = read_container(source, limits)
+    if (raw.key_id_hint, raw.manifest_bytes, raw.signature) != (hint, head_manifest, head_signature):
+        raise IntegrityError(f"{where} changed while it was being read; fetch it again and install once it is "
+                             "complete.")
     m = parse_manifest(raw.manifest_bytes, where, limits)
     if m["signer"]["key_id"] != trusted:
         raise SignatureError(f"{where}: the manifest names signer {m['signer']['key_id']}, not the trusted key "
