@@ -449,3 +449,121 @@ def test_an_unsigned_huge_file_is_refused_before_it_is_read(ota, tmp_path):
     lines = out.stdout.strip().splitlines()
     assert out.returncode == 0 and lines[0].startswith("SignatureError"), out.stdout + out.stderr[-2000:]
     assert int(lines[-1]) < 100, f"peak RSS grew by {lines[-1]} MB while refusing an unsigned file"
+
+
+# ----------------------------------------------------------------- the strict adapter reader (ota/adapter_check)
+def _tamper(folder, tmp_path, header=None, config=None, extra=None):
+    """A copy of the PEFT folder with its safetensors header and/or config rewritten (data bytes kept, plus
+    ``extra`` bytes appended to the data section)."""
+    import shutil
+
+    out = tmp_path / "tampered" / "tiny-ota"
+    if out.exists():
+        shutil.rmtree(out)
+    shutil.copytree(folder, out)
+    w = out / W
+    data = w.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    head, body = json.loads(data[8:8 + n]), data[8 + n:]
+    text = json.dumps(header(head) if header else head) if not callable(getattr(header, "text", None)) else None
+    if isinstance(text, str) and text.startswith("RAW:"):
+        text = text[4:]
+    raw = (header.text(head) if callable(getattr(header, "text", None)) else text).encode()
+    raw += b" " * (-len(raw) % 8)
+    w.write_bytes(len(raw).to_bytes(8, "little") + raw + body + (extra or b""))
+    if config:
+        c = json.loads((out / "adapter_config.json").read_text())
+        config(c)
+        (out / "adapter_config.json").write_text(json.dumps(c))
+    return out
+
+
+def _first(head):
+    return next(k for k in head if k != "__metadata__")
+
+
+def _unknown_dtype(head):
+    head["base_model.model.extra.scale"] = {"dtype": "Q4", "shape": [4], "data_offsets": [_end(head), _end(head) + 4]}
+    return head
+
+
+def _end(head):
+    return max(v["data_offsets"][1] for k, v in head.items() if k != "__metadata__")
+
+
+def _overlap(head):
+    k = _first(head)
+    head["base_model.model.extra.copy"] = dict(head[k])   # the same bytes, read as a second tensor
+    return head
+
+
+def _no_prefix(head):
+    module = _first(head).rsplit(".lora_", 1)[0]   # both factors of one module, so the pair stays whole
+    for k in [k for k in head if k.startswith(module + ".lora_")]:
+        head[k.removeprefix("base_model.model.")] = head.pop(k)
+    return head
+
+
+class _Duplicate:
+    """A header naming the first tensor twice (json.dumps cannot write that, so build the text)."""
+
+    @staticmethod
+    def text(head):
+        k = _first(head)
+        body = json.dumps(head)[1:]
+        return "{" + json.dumps(k) + ": " + json.dumps(head[k]) + ", " + body
+
+
+CASES = {
+    "duplicate-name": dict(header=_Duplicate, match="names tensor .* twice"),
+    "unknown-dtype": dict(header=_unknown_dtype, extra=b"\0" * 4, match="dtype 'Q4'"),
+    "overlapping-offsets": dict(header=_overlap, match="overlap or leave gaps"),
+    "no-peft-prefix": dict(header=_no_prefix, match="lacks PEFT's 'base_model.model.' prefix"),
+    "rank-mismatch": dict(config=lambda c: c.update(r=8, lora_alpha=16), match="rank 4 but adapter_config.json "
+                                                                              "gives r = 8"),
+    "bad-target-modules": dict(config=lambda c: c.update(target_modules=5), match="target_modules must be"),
+    "trailing-bytes": dict(extra=b"\0" * 8, match="bytes after the last tensor"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_adapters_peft_would_read_differently_are_refused_by_packager_and_device(ota, root_v1, tmp_path,
+                                                                               monkeypatch, case):
+    """Each case installed as ok with only the factors probe. The packager refuses to build it; a package built
+    by a compromised packager (the check bypassed, correctly signed) is refused by the device."""
+    from edge_lora.ota.adapter_check import AdapterPayloadError
+    from edge_lora.stages import package
+    from edge_lora.stages.package import build_package
+
+    spec = dict(CASES[case])
+    match = spec.pop("match")
+    bad = _tamper(ota.a2, tmp_path, **spec)
+    kw = dict(key=ota.priv, version=2, base=ota.base, base_hash=ota.base_hash, out=tmp_path / "p.elpkg",
+              probes=("factors",))
+    with pytest.raises(AdapterPayloadError, match=match):
+        build_package(bad, **kw)
+    assert not (tmp_path / "p.elpkg").exists()
+    monkeypatch.setattr(package, "_check_adapter", lambda payload, base_path: {})
+    build_package(bad, **kw)
+    refused(root_v1, tmp_path / "p.elpkg", ota.pub, AdapterPayloadError, match, tmp_path)
+
+
+def test_an_adapter_that_does_not_fit_the_devices_base_is_refused(ota, tmp_path, monkeypatch):
+    """Signed for the device's base hash by a compromised packager, but trained on another architecture: with
+    --base (a folder) and only the factors probe, the device reads the base's shapes and refuses it."""
+    from edge_lora.ota import BaseMismatchError
+    from edge_lora.stages import package
+    from edge_lora.stages.package import build_package
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    wide = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=48, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64))
+    peft = get_peft_model(wide, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], init_lora_weights=False))
+    peft.save_pretrained(tmp_path / "wide" / "tiny-ota")
+    monkeypatch.setattr(package, "_check_adapter", lambda payload, base_path: {})
+    build_package(tmp_path / "wide" / "tiny-ota", key=ota.priv, version=1, base=ota.base, base_hash=ota.base_hash,
+                  out=tmp_path / "w.elpkg", probes=("factors",))
+    root = tmp_path / "root"
+    root.mkdir()
+    refused(root, tmp_path / "w.elpkg", ota.pub, BaseMismatchError, "wrong base model", tmp_path, base=ota.base)

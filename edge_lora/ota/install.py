@@ -273,6 +273,12 @@ def verify_package(source, public_key, root=None, base=None, limits: Limits = DE
                              "package.")
         old = installed_reader(root, m["adapter_id"], state["version"])
     files = decode_payload(pkg, old, limits)
+    # what the factors probe alone would let through: files PEFT or safetensors read differently, or that
+    # do not fit the device's base
+    from edge_lora.ota.adapter_check import base_shapes, check_adapter
+
+    folder = probe_base if isinstance(probe_base, (str, os.PathLike)) and Path(probe_base).is_dir() else None
+    check_adapter(files, base_shapes(folder) if folder is not None else None)
     report["payload"] = f"{len(files)} files, sizes and sha256 ok"
     report["_files"], report["_pkg"], report["_state"] = files, pkg, state
     if run_probe:
@@ -377,7 +383,7 @@ def install(source, public_key, root, base=None, limits: Limits = DEFAULT_LIMITS
     if base is None:
         device_base_hash(root, None)  # raises when no base is known for this root: nothing is checked yet
     probe_export = device_export(root, export)
-    rep = verify_package(source, public_key, root, base, limits, run_probe=False)
+    rep = verify_package(source, public_key, root, base, limits, run_probe=False, probe_base=probe_base)
     pkg, files = rep.pop("_pkg"), rep.pop("_files")
     m, aid, version = pkg.manifest, pkg.manifest["adapter_id"], pkg.manifest["version"]
     staging = None

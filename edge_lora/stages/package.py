@@ -18,7 +18,7 @@ from pathlib import Path
 from edge_lora import __version__
 from edge_lora.errors import CompatibilityError, ModelError, PackageError
 from edge_lora.report import StageReport
-from edge_lora.files import SafetensorsHeaderError, parse_safetensors_header, read_safetensors_header
+from edge_lora.files import SafetensorsHeaderError, parse_safetensors_header
 from edge_lora.formats.export_meta import FILE as EXPORT_META, MODEL_FILE, ExportMeta
 from edge_lora.ota import codec
 from edge_lora.ota.container import DEFAULT_LIMITS, Limits, check_adapter_id, check_name, pack_container, write_atomic
@@ -123,61 +123,11 @@ def _is_absolute_path(text: str) -> bool:
 
 
 def _check_adapter(payload: dict[str, tuple[str, bytes]], base_path: Path | None) -> dict:
-    """Packager-side validation: config is LoRA, tensors finite, shapes fit the base. Returns a summary."""
-    import numpy as np
+    """Packager-side validation, the same strict reader the device runs (ota/adapter_check.py)."""
+    from edge_lora.ota.adapter_check import base_shapes, check_adapter
 
-    from edge_lora.ota.codec import safetensors_layout
-    from edge_lora.ota.probe import lora_modules, read_safetensors_numpy
-
-    summary: dict = {}
-    if WEIGHTS_NAME not in payload:
-        return summary
-    try:
-        config = json.loads(payload[CONFIG_NAME][1])
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise PackageError(f"{CONFIG_NAME} is not valid JSON ({exc}).") from exc
-    if not isinstance(config, dict) or str(config.get("peft_type", "")).upper() != "LORA":
-        raise PackageError(f"{CONFIG_NAME}: peft_type must be 'LORA'.")
-    try:
-        tensors = read_safetensors_numpy(payload[WEIGHTS_NAME][1], WEIGHTS_NAME)
-        mods = lora_modules(tensors)
-    except PackageError as exc:
-        raise PackageError(f"{WEIGHTS_NAME} is not a readable LoRA adapter: {exc}") from exc
-    bad = [n for n, t in tensors.items() if not np.all(np.isfinite(t))]
-    if bad:
-        raise PackageError(f"{WEIGHTS_NAME}: tensor {bad[0]} has NaN or Inf values; the training run diverged. "
-                           "Refusing to ship it.")
-    layout = safetensors_layout(payload[WEIGHTS_NAME][1])
-    dtypes: dict[str, int] = {}
-    for dtype, *_ in layout[1].values():
-        dtypes[dtype] = dtypes.get(dtype, 0) + 1
-    summary.update(finite=True, modules=len(mods), tensor_dtypes=dtypes,
-                   params=int(sum(t.size for t in tensors.values())))
-    if base_path is not None:
-        shapes = _base_shapes(base_path)
-        for name, (a, b, _) in mods.items():
-            key = next((k for k in (f"{name}.weight", name) if k in shapes), None) or next(
-                (k for k in shapes if k.endswith(f".{name}.weight")), None)
-            if key is None:
-                raise CompatibilityError(f"adapter module {name} has no weight in the base model {base_path}; "
-                                         "the adapter was trained for another architecture.")
-            if tuple(shapes[key][:2]) not in ((b.shape[0], a.shape[1]), (a.shape[1], b.shape[0])):
-                raise CompatibilityError(f"adapter module {name} updates a {b.shape[0]}x{a.shape[1]} weight but "
-                                         f"the base's {key} is {list(shapes[key])}; wrong base model.")
-        summary["base_shapes"] = "ok"
-    return summary
-
-
-def _base_shapes(folder: Path) -> dict[str, tuple]:
-    shapes: dict[str, tuple] = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        try:
-            header, _ = read_safetensors_header(f)
-            shapes.update({k: tuple(v["shape"]) for k, v in header.items()})
-        except (OSError, SafetensorsHeaderError, KeyError, TypeError) as exc:
-            raise PackageError(f"base weights {f} are not a readable safetensors file ({exc}); check --base.") \
-                from None
-    return shapes
+    return check_adapter({n: d for n, (_, d) in payload.items()},
+                         base_shapes(base_path) if base_path is not None else None)
 
 
 def _metadata(payload) -> dict:
