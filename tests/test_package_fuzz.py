@@ -155,3 +155,86 @@ def test_resigned_mutated_manifests(env, data):
         return es
 
     attempt(env, resign(pkg, env["priv"], lambda _: m, mutate_entries), may_succeed=True)
+
+
+# ----------------------------------------------------------------- the strict adapter reader (ota/adapter_check)
+def _adapter_files():
+    import numpy as np
+    from safetensors.numpy import save
+
+    tensors = {"base_model.model.layers.0.q.lora_A.weight": np.arange(8, dtype=np.float32).reshape(2, 4) / 10,
+               "base_model.model.layers.0.q.lora_B.weight": np.ones((3, 2), dtype=np.float32),
+               "base_model.model.layers.0.q.lora_B.bias": np.zeros(3, dtype=np.float16)}
+    config = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q"]}
+    return save(tensors), json.dumps(config).encode()
+
+
+def _reader_accepts_only_what_safetensors_reads_the_same(data: bytes, config: bytes) -> str:
+    from safetensors.numpy import load
+
+    from edge_lora.ota.adapter_check import check_adapter, strict_layout
+
+    files = {"adapter_model.safetensors": data, "adapter_config.json": config}
+    try:
+        check_adapter(files)
+    except PackageError:
+        return "refused"
+    layout = strict_layout(data)
+    loaded = load(data)   # accepted: the reference reader must load it, to the same names and shapes
+    assert {k: tuple(v.shape) for k, v in loaded.items()} == {k: v[1] for k, v in layout.items()}
+    return "accepted"
+
+
+def _mutations(draw_bytes):
+    return st.one_of(
+        st.binary(max_size=64).map(lambda junk: ("append", junk)),
+        st.tuples(st.integers(0, 400), st.integers(0, 255)).map(lambda t: ("flip", t)),
+        st.tuples(st.integers(0, 400), st.integers(0, 40)).map(lambda t: ("cut", t)),
+        st.sampled_from(['"F32"', '"F16"', '"Q4"', '"BOOL"', '[2, 4]', '[4, 2]', '[0, 32]', '[32, 64]', "[]"])
+        .flatmap(lambda s: st.integers(0, 300).map(lambda i: ("splice", (i, s)))))
+
+
+def _apply(data: bytes, mutation) -> bytes:
+    kind, arg = mutation
+    if kind == "append":
+        return data + arg
+    if kind == "flip":
+        i, b = arg
+        return data[:i % len(data)] + bytes([b]) + data[i % len(data) + 1:]
+    if kind == "cut":
+        i, n = arg
+        return data[:i % len(data)] + data[i % len(data) + n:]
+    i, text = arg
+    n = int.from_bytes(data[:8], "little")
+    head = data[8:8 + n].decode("utf-8", "replace")
+    j = 8 + (i % max(n, 1))
+    return data[:8] + (head[:j - 8] + text + head[j - 8:]).encode()[:n] + data[8 + n:]
+
+
+def _fuzz_reader(n: int):
+    data0, config0 = _adapter_files()
+
+    @settings(max_examples=n, **SETTINGS)
+    @given(st.lists(_mutations(None), min_size=1, max_size=3),
+           st.sampled_from([{}, {"r": 3}, {"r": 0}, {"target_modules": 5}, {"lora_alpha": "x"},
+                            {"rank_pattern": {"(": 2}}, {"peft_type": "IA3"}]))
+    def run(mutations, config_change):
+        data = data0
+        for m in mutations:
+            data = _apply(data, m)
+        config = json.dumps({**json.loads(config0), **config_change}).encode()
+        OUTCOMES[_reader_accepts_only_what_safetensors_reads_the_same(data, config)] += 1
+
+    run()
+
+
+def test_strict_adapter_reader_fuzz():
+    """A few thousand mutated adapters: the reader raises nothing but a PackageError, and whatever it accepts
+    the safetensors library loads to the same tensors."""
+    _fuzz_reader(int(3000 * SCALE))
+    assert _reader_accepts_only_what_safetensors_reads_the_same(*_adapter_files()) == "accepted"
+
+
+@pytest.mark.slow
+def test_strict_adapter_reader_fuzz_100k():
+    _fuzz_reader(100_000)
