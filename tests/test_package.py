@@ -284,3 +284,18 @@ def test_rollback_and_list_respect_the_base_binding(ota, root_v1):
     assert list_installed(root_v1)[0]["status"].startswith("wrong base: version 3")
     with pytest.raises(BaseMismatchError, match="version 2 was built for base model"):
         rollback(root_v1, "tiny-ota")
+
+
+def test_rollback_never_switches_to_a_version_that_was_never_committed(ota, root_v1):
+    """An orphan version folder (an install killed or out of space between its rename and the switch) is not a
+    rollback target: its number is above the highest version ever installed."""
+    import shutil
+
+    from edge_lora.ota import InstallRootError
+
+    install(ota.v2, ota.pub, root_v1)
+    shutil.copytree(root_v1 / "tiny-ota" / "versions" / "2", root_v1 / "tiny-ota" / "versions" / "5")
+    before = snapshot(root_v1)
+    with pytest.raises(InstallRootError, match="version 5 was never completely installed"):
+        rollback(root_v1, "tiny-ota", to=5)
+    assert snapshot(root_v1) == before and list_installed(root_v1)[0]["status"] == "ok"

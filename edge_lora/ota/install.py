@@ -386,7 +386,7 @@ def install(source, public_key, root, base=None, limits: Limits = DEFAULT_LIMITS
     rep = verify_package(source, public_key, root, base, limits, run_probe=False, probe_base=probe_base)
     pkg, files = rep.pop("_pkg"), rep.pop("_files")
     m, aid, version = pkg.manifest, pkg.manifest["adapter_id"], pkg.manifest["version"]
-    staging = None
+    staging = committing = None
     created = False
     with _locked(root):   # the clean-up below runs under the lock too: nobody else is inside a folder it removes
         try:
@@ -420,19 +420,25 @@ def install(source, public_key, root, base=None, limits: Limits = DEFAULT_LIMITS
             _record_base(root, m["base"]["content_hash"], base, probe_base, export, probe_export)
             vdir = adir / VERSIONS / str(version)
             os.rename(staging, vdir)
-            staging = None
+            staging, committing = None, vdir   # until the pointer names it, vdir is an orphan to remove
             fsync_dir(adir / VERSIONS)
             fsync_dir(adir)
             previous = state["version"] if state else None
             _write_pointer(adir, aid, version, previous, version)
-            created = False
+            created, committing = False, None
             new_state = read_state(root, aid)
             _collect_garbage(adir, new_state)
-        except BaseException:
+        except BaseException as exc:
             if staging is not None and staging.exists():
                 shutil.rmtree(staging, ignore_errors=True)
+            if committing is not None:
+                shutil.rmtree(committing, ignore_errors=True)
             if created:
                 shutil.rmtree(adir, ignore_errors=True)
+            if isinstance(exc, OSError):   # a full disk, a read-only root: the device's problem, said plainly
+                raise InstallRootError(f"installing {pkg.path} into {root} failed: {exc.strerror or exc} "
+                                       f"({getattr(exc, 'filename', None) or 'the install root'}). Nothing was "
+                                       "switched; free space or fix the root and install again.") from exc
             raise
     rep.update(installed=str(adir / VERSIONS / str(version)), previous=previous)
     return rep
@@ -454,6 +460,10 @@ def rollback(root, adapter_id: str, to: int | None = None, public_key=None, base
         if target is None or target == state["version"]:
             raise InstallRootError(f"{adapter_id}: no other version is kept to roll back to (current "
                                    f"{state['version']}, previous {state['previous']}).")
+        if target > state["highest"]:
+            raise InstallRootError(f"{adapter_id}: version {target} was never completely installed (an install "
+                                   "was interrupted before it switched to it); the next install removes it. Roll "
+                                   f"back to {state['previous']} or install a package.")
         if not version_dir(root, adapter_id, target).is_dir():
             raise InstallRootError(f"{adapter_id}: version {target} is not installed under {root}; kept: "
                                    f"{state['version']} and {state['previous']}.")
@@ -478,7 +488,11 @@ def rollback(root, adapter_id: str, to: int | None = None, public_key=None, base
 
             probe_base = resolve_base(str(base))
         probes = run_probes(manifest["probes"], files, vdir, probe_base, device_export(root, export))
-        _write_pointer(adir, adapter_id, target, state["version"], state["highest"])
+        try:
+            _write_pointer(adir, adapter_id, target, state["version"], state["highest"])
+        except OSError as exc:   # the pointer is replaced atomically: on failure the old one stands
+            raise InstallRootError(f"rolling {adapter_id} back in {root} failed: {exc.strerror or exc}; version "
+                                   f"{state['version']} is still current. Free space and run it again.") from exc
     return {"adapter_id": adapter_id, "version": target, "from": state["version"], "probes": probes}
 
 
