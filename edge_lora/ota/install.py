@@ -488,6 +488,7 @@ def rollback(root, adapter_id: str, to: int | None = None, public_key=None, base
 
             probe_base = resolve_base(str(base))
         probes = run_probes(manifest["probes"], files, vdir, probe_base, device_export(root, export))
+        _collect_garbage(adir, state)   # what a killed install or rollback left (its temporary pointer)
         try:
             _write_pointer(adir, adapter_id, target, state["version"], state["highest"])
         except OSError as exc:   # the pointer is replaced atomically: on failure the old one stands
