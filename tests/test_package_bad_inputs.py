@@ -567,3 +567,36 @@ def test_an_adapter_that_does_not_fit_the_devices_base_is_refused(ota, tmp_path,
     root = tmp_path / "root"
     root.mkdir()
     refused(root, tmp_path / "w.elpkg", ota.pub, BaseMismatchError, "wrong base model", tmp_path, base=ota.base)
+
+
+def test_keygen_force_failing_keeps_the_old_pair(tmp_path):
+    """keygen --force that cannot finish (here: a folder where the public key goes) leaves the old, matching
+    pair; and the packager's numeric flags take only what works."""
+    from edge_lora.ota.keys import PRIVATE_NAME, PUBLIC_NAME, keygen
+    from edge_lora.stages.package import size_limits
+
+    keygen(tmp_path / "k")
+    old = {n: (tmp_path / "k" / n).read_bytes() for n in (PRIVATE_NAME, PUBLIC_NAME)}
+    (tmp_path / "k" / PUBLIC_NAME).unlink()
+    (tmp_path / "k" / PUBLIC_NAME).mkdir()
+    with pytest.raises(PackageError, match="is a folder"):
+        keygen(tmp_path / "k", force=True)
+    assert (tmp_path / "k" / PRIVATE_NAME).read_bytes() == old[PRIVATE_NAME]
+    assert not [p for p in (tmp_path / "k").iterdir() if ".tmp-" in p.name]
+    (tmp_path / "k" / PUBLIC_NAME).rmdir()
+    (tmp_path / "k" / PUBLIC_NAME).write_bytes(old[PUBLIC_NAME])
+    priv, pub = keygen(tmp_path / "k", force=True)
+    assert priv.read_bytes() != old[PRIVATE_NAME] and pub.read_bytes() != old[PUBLIC_NAME]
+    for bad in (float("nan"), float("inf"), 0, -1):
+        with pytest.raises(PackageError, match="positive, finite size"):
+            size_limits(bad)
+
+
+def test_zstd_level_out_of_range_is_refused(ota, tmp_path):
+    from edge_lora.stages.package import build_package
+
+    for level in (0, 23, 99):
+        with pytest.raises(PackageError, match="zstd levels run from 1 to 22"):
+            build_package(ota.a1, key=ota.priv, version=1, base=ota.base, base_hash=ota.base_hash,
+                          out=tmp_path / "x", level=level, probes=("factors",))
+    assert not (tmp_path / "x").exists()

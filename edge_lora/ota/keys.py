@@ -35,32 +35,51 @@ def key_id(public_key) -> str:
 
 
 def keygen(out_dir: str | os.PathLike, force: bool = False) -> tuple[Path, Path]:
-    """Write a fresh key pair into ``out_dir``; returns (private path, public path)."""
+    """Write a fresh key pair into ``out_dir``; returns (private path, public path). Both files are written
+    beside their targets first and renamed into place only when both are on disk, so a failure (a full disk, a
+    folder in the way) leaves the old pair as it was."""
     from cryptography.hazmat.primitives import serialization
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     priv_path, pub_path = out / PRIVATE_NAME, out / PUBLIC_NAME
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise PackageError(f"keygen --out {out}: cannot create the folder ({exc.strerror or exc}); pass a folder "
+                           "you can write.") from exc
     for p in (priv_path, pub_path):
         if (p.exists() or p.is_symlink()) and not force:
             raise PackageError(f"{p} already exists; refusing to overwrite a signing key. Pick another --out "
                                "folder, or pass --force if you really mean to replace it (packages signed with "
                                "the old key will no longer verify against the new public key).")
+        if p.is_dir() and not p.is_symlink():
+            raise PackageError(f"{p} is a folder; keygen writes a key file there. Remove it or pick another --out.")
     key = _ed().Ed25519PrivateKey.generate()
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                             serialization.NoEncryption())
     pub = key.public_key().public_bytes(serialization.Encoding.PEM,
                                         serialization.PublicFormat.SubjectPublicKeyInfo)
-    for path, data, mode in ((priv_path, pem, 0o600), (pub_path, pub, 0o644)):
-        if force and (path.exists() or path.is_symlink()):
-            path.unlink()
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), mode)
-        try:
-            os.fchmod(fd, mode)  # the umask may have taken bits away; make the mode exact
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    temps: list[Path] = []
+    try:
+        for path, data, mode in ((priv_path, pem, 0o600), (pub_path, pub, 0o644)):
+            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), mode)
+            temps.append(tmp)
+            try:
+                os.fchmod(fd, mode)  # the umask may have taken bits away; make the mode exact
+                os.write(fd, data)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        os.replace(temps[0], priv_path)
+        os.replace(temps[1], pub_path)
+        temps.clear()
+    except OSError as exc:
+        raise PackageError(f"keygen --out {out}: writing the key pair failed ({exc.strerror or exc}); the old "
+                           "pair, if any, is unchanged.") from exc
+    finally:
+        for t in temps:
+            t.unlink(missing_ok=True)
     return priv_path, pub_path
 
 

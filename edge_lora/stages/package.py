@@ -160,6 +160,8 @@ def build_package(src, key, version: int, base, out, from_package=None, adapter_
     if type(version) is not int or not 1 <= version <= MAX_VERSION:
         raise PackageError(f"--version must be an integer from 1 to {MAX_VERSION} (what every device accepts), "
                            f"not {version!r}.")
+    if type(level) is not int or not 1 <= level <= 22:
+        raise PackageError(f"--level {level!r}: zstd levels run from 1 to 22 (default {codec.ZSTD_LEVEL}).")
     priv = load_private_key(key) if isinstance(key, (str, os.PathLike)) else key
     pub = priv.public_key()
     adapter_id = adapter_id or src.name
@@ -335,8 +337,10 @@ def size_limits(max_mb: float | None = None) -> Limits:
     """Limits with one size limit per entry, per payload and per package of ``max_mb`` MiB (None: defaults)."""
     if max_mb is None:
         return Limits()
-    if not max_mb > 0:
-        raise PackageError(f"--max-mb {max_mb}: give a positive size in MiB (the default is 1024).")
+    import math
+
+    if not (isinstance(max_mb, (int, float)) and math.isfinite(max_mb) and 0 < max_mb <= 1 << 30):
+        raise PackageError(f"--max-mb {max_mb}: give a positive, finite size in MiB (the default is 1024).")
     b = int(max_mb * (1 << 20))
     return Limits(max_package_bytes=b, max_entry_bytes=b, max_total_bytes=b)
 
