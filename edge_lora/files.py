@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -27,22 +28,46 @@ def replace_folder(tmp: Path, out: Path) -> None:
         elif f.is_dir():
             fsync_dir(f)
     fsync_dir(tmp)
-    if out.exists():
+    if out.exists() or out.is_symlink():
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
         os.replace(out, old)
         os.replace(tmp, out)
         fsync_dir(out.parent)
-        shutil.rmtree(old, ignore_errors=True)
+        _remove(old)
     else:
         os.replace(tmp, out)
         fsync_dir(out.parent)
 
 
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:   # someone else's process: alive
+        return True
+    return True
+
+
 def temp_folder_beside(out: str | os.PathLike) -> Path:
-    """A new empty hidden folder in ``out``'s parent (same file system, so renaming it to ``out`` is atomic)."""
+    """A new empty hidden folder in ``out``'s parent (same file system, so renaming it to ``out`` is atomic),
+    named with this process's id; what a killed run for the same ``out`` left (its process is gone) is removed
+    first."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    stale = re.compile(rf"\.{re.escape(out.name)}\.(tmp|old)-(\d+)(-.*)?")
+    for p in out.parent.iterdir():
+        m = stale.fullmatch(p.name)
+        if m and int(m.group(2)) != os.getpid() and not _alive(int(m.group(2))):
+            _remove(p)
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
 
 
 @contextmanager

@@ -156,3 +156,28 @@ def test_compressed_adapter_without_its_original_is_refused(inputs, tmp_path):
     with pytest.raises(CompatibilityError, match="original adapter"):
         run_export(inputs / "llama", tmp_path / "compressed", "cpu-hotswap", tmp_path / "out", show_progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_output_folders_replace_files_and_collect_what_killed_runs_left(tmp_path):
+    """--force over a file leaves no .NAME.old-PID behind; a temporary folder of a killed run (its process gone)
+    is removed by the next run for the same output, one of a live process is left alone."""
+    import os
+    import subprocess
+    import sys
+
+    from edge_lora.files import atomic_folder
+
+    out = tmp_path / "out"
+    out.write_text("a file where the folder goes")
+    with atomic_folder(out) as tmp:
+        (tmp / "x").write_text("1")
+    assert (out / "x").read_text() == "1" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    (tmp_path / f".out.tmp-{dead}-abc").mkdir()
+    (tmp_path / f".out.old-{dead}").write_text("x")
+    live = tmp_path / f".out.tmp-{os.getppid()}-def"
+    live.mkdir()
+    with atomic_folder(out) as tmp:
+        (tmp / "y").write_text("2")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out", live.name])
