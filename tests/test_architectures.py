@@ -144,3 +144,55 @@ def test_an_architecture_without_an_onnx_export_is_refused_before_any_work(tmp_p
     for word in ("error: ", "model type 'mamba'", "no ONNX export", "gemma", "llama", "qwen2"):
         assert word in error, (word, error)
     assert not (tmp_path / "out").exists()
+
+
+def test_save_load_round_trip(arch, tmp_path):
+    """PEFT's file → edge_lora → save_peft → edge_lora again: the same factors and scales, module by module."""
+    from edge_lora.adapter import save_peft
+
+    kind, peft, _, _ = arch
+    folder = tmp_path / "adapter"
+    peft.save_pretrained(folder)
+    first = load_peft(folder)
+    second = load_peft(save_peft(first, tmp_path / "again"))
+    assert first.modules.keys() == second.modules.keys(), kind
+    for name, m in first.modules.items():
+        torch.testing.assert_close(second.modules[name].delta(), m.delta(), rtol=1e-6, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("kind, profile", [("gemma", "cpu-hotswap"), ("gemma2", "cpu-fp32")])
+def test_gemma_exports_and_validates_through_the_cli(kind, profile, tmp_path):
+    """What failed for users: Gemma's export declares no position_ids, and validation's decode loop fed them."""
+    import json
+
+    from test_cli import run_cli
+
+    tiny_model(kind).save_pretrained(tmp_path / "base")
+    make_peft_adapter(kind, dict(r=4, lora_alpha=8, target_modules="all-linear"), tmp_path / "adapter")
+    out = run_cli("export", "--base", tmp_path / "base", "--adapter", tmp_path / "adapter", "--profile", profile,
+                  "--out", tmp_path / "out", "--quiet")
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    v = next(s for s in report["stages"] if s["stage"] == "validate")["metrics"]
+    assert report["status"] == "PASSED" and v["generation_agreement"] == 1.0 and v["top1_agreement"] == 1.0
+
+
+def test_modules_to_save_is_refused_for_hotswap_with_the_merged_alternative(tmp_path):
+    """A trained full copy of a module (modules_to_save) is not a low-rank update: hot-swap says so and names the
+    merged profile, which carries it."""
+    from peft import LoraConfig, get_peft_model
+
+    from test_cli import assert_clean_error, run_cli
+
+    tiny_model("llama").save_pretrained(tmp_path / "base")
+    peft = get_peft_model(tiny_model("llama"), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"],
+                                                          modules_to_save=["lm_head"], init_lora_weights=False))
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if "modules_to_save" in name:
+                p.add_(0.1)   # trained: no longer the base's copy
+    peft.save_pretrained(tmp_path / "adapter")
+    out = run_cli("export", "--base", tmp_path / "base", "--adapter", tmp_path / "adapter", "--profile",
+                  "cpu-hotswap", "--out", tmp_path / "hot", "--quiet")
+    assert_clean_error(out, "modules_to_save", "cpu-fp32")
+    assert not (tmp_path / "hot").exists()
