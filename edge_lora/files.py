@@ -60,8 +60,16 @@ def temp_folder_beside(out: str | os.PathLike) -> Path:
     """A new empty hidden folder in ``out``'s parent (same file system, so renaming it to ``out`` is atomic),
     named with this process's id; what a killed run for the same ``out`` left (its process is gone) is removed
     first."""
+    from edge_lora.errors import EdgeLoraError
+
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if not out.parent.is_dir():
+            raise NotADirectoryError(20, "Not a directory", str(out.parent))
+    except OSError as exc:
+        raise EdgeLoraError(f"cannot write the output {out}: its folder {out.parent} cannot be created "
+                            f"({exc.strerror or exc}); choose an --out inside a folder you can write.") from None
     stale = re.compile(rf"\.{re.escape(out.name)}\.(tmp|old)-(\d+)(-.*)?")
     for p in out.parent.iterdir():
         m = stale.fullmatch(p.name)

@@ -600,3 +600,38 @@ def test_zstd_level_out_of_range_is_refused(ota, tmp_path):
             build_package(ota.a1, key=ota.priv, version=1, base=ota.base, base_hash=ota.base_hash,
                           out=tmp_path / "x", level=level, probes=("factors",))
     assert not (tmp_path / "x").exists()
+
+
+def test_bad_roots_and_outputs_are_clean_errors_not_tracebacks(ota, tmp_path):
+    """Each of these was a traceback: the root's lock file a folder or a link, package/export --out under a file
+    or a folder, a file where the install root goes."""
+    import subprocess
+    import sys
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "edge_lora", *map(str, args)], capture_output=True, text=True,
+                              timeout=300)
+
+    (tmp_path / "afile").write_text("x")
+    lockdir = tmp_path / "r1"
+    (lockdir / ".lock").mkdir(parents=True)
+    locklink = tmp_path / "r2"
+    locklink.mkdir()
+    (locklink / ".lock").symlink_to(tmp_path / "afile")
+    pkg = ["package", ota.a1, "--key", ota.priv_path, "--version", "1", "--base", ota.base, "--probe", "factors"]
+    cases = [
+        (["install", ota.v1, "--pubkey", ota.pub_path, "--root", lockdir, "--base", ota.base], "lock file"),
+        (["install", ota.v1, "--pubkey", ota.pub_path, "--root", locklink, "--base", ota.base], "lock file"),
+        ([*pkg, "--out", tmp_path / "afile" / "p.elpkg"], "cannot write the package"),
+        ([*pkg, "--out", tmp_path], "is a folder"),
+        (["export", "--base", ota.base, "--adapter", ota.a1, "--out", tmp_path / "afile" / "e", "--quiet"],
+         "cannot be created"),
+        (["keygen", "--out", tmp_path / "afile" / "k"], "cannot create the folder"),
+        (["install", ota.v1, "--pubkey", ota.pub_path, "--root", tmp_path / "afile", "--base", ota.base],
+         "does not exist"),
+    ]
+    for args, words in cases:
+        out = cli(*args)
+        assert out.returncode == 2 and "Traceback" not in out.stderr, (args[0], out.stderr[-1500:])
+        assert words in out.stderr, (args[0], words, out.stderr[-500:])
+    assert (tmp_path / "afile").read_text() == "x" and not list((lockdir / ".lock").iterdir())

@@ -162,6 +162,8 @@ def build_package(src, key, version: int, base, out, from_package=None, adapter_
                            f"not {version!r}.")
     if type(level) is not int or not 1 <= level <= 22:
         raise PackageError(f"--level {level!r}: zstd levels run from 1 to 22 (default {codec.ZSTD_LEVEL}).")
+    if Path(out).is_dir():
+        raise PackageError(f"--out {out} is a folder; give the package file to write, e.g. {Path(out) / 'v1.elpkg'}.")
     priv = load_private_key(key) if isinstance(key, (str, os.PathLike)) else key
     pub = priv.public_key()
     adapter_id = adapter_id or src.name
@@ -317,7 +319,11 @@ def build_package(src, key, version: int, base, out, from_package=None, adapter_
     if len(mbytes) > limits.max_manifest_bytes:
         raise PackageError(f"the manifest is {len(mbytes)} bytes, over the {limits.max_manifest_bytes}-byte limit.")
     blob = pack_container(mbytes, priv.sign(mbytes), key_id(pub), blobs)
-    write_atomic(out, blob)
+    try:
+        write_atomic(out, blob)
+    except OSError as exc:
+        raise PackageError(f"--out {out}: cannot write the package there ({exc.strerror or exc}); pass a file path "
+                           "in a folder you can write.") from exc
     notes = []
     full_estimate = sum(v["zstd"] for v in measured.values())
     if delta is not None and full_estimate and stored_total > 0.8 * full_estimate:
