@@ -73,3 +73,22 @@ def test_a_full_disk_at_every_point_leaves_a_working_root(ota, small_disk):   # 
             pass
         assert read_state(root, "tiny-ota")["version"] == 2 and check_installed(root, "tiny-ota") == 2
     assert outcomes["installed"] and outcomes["refused"], outcomes   # both sides of the edge were reached
+
+
+def test_a_read_only_root_is_a_clean_error(ota, small_disk):   # noqa: F811
+    from edge_lora.ota.install import rollback
+
+    root = small_disk / "root"
+    root.mkdir()
+    install(ota.v1, ota.pub, root, base=ota.base_hash)
+    install(ota.v2, ota.pub, root)
+    out = subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    try:
+        with pytest.raises(InstallRootError, match="Read-only file system"):
+            install(ota.v3, ota.pub, root)
+        with pytest.raises(InstallRootError, match="Read-only file system"):
+            rollback(root, "tiny-ota")
+        assert check_installed(root, "tiny-ota") == 2 and list_installed(root)[0]["status"] == "ok"
+    finally:
+        subprocess.run(["mount", "-o", "remount,rw", str(small_disk)], capture_output=True)
