@@ -95,7 +95,8 @@ def strict_layout(data: bytes) -> dict[str, tuple[str, tuple, int, int]]:
     return out
 
 
-def _pattern(keys, module: str):
+def pattern_key(keys, module: str):
+    """The rank/alpha pattern key that matches ``module`` (PEFT's matching: the key as a regex on a suffix)."""
     for key in keys:
         if re.match(rf"(.*\.)?({key})$", module):
             return key
@@ -175,7 +176,7 @@ def check_adapter(files: dict[str, bytes], base_shapes: dict[str, tuple] | None 
         if len(a) != 2 or len(b) != 2 or b[1] != a[0]:
             raise AdapterPayloadError(f"{WEIGHTS_NAME}: module {name!r} has factors of shapes {list(a)} and "
                                       f"{list(b)}, which do not multiply.")
-        key = _pattern(rp, name)
+        key = pattern_key(rp, name)
         r = rp[key] if key is not None else config.get("r", 8)
         if a[0] != r:
             raise AdapterPayloadError(f"{name}: the tensors have rank {a[0]} but {CONFIG_NAME} gives r = {r}; PEFT "

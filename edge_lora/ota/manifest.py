@@ -126,7 +126,7 @@ def parse_manifest(data: bytes, where: str, limits: Limits) -> dict:
         raise FormatError(f"{w}: format_version {fv} is not supported (this reader knows {FORMAT_VERSION}); "
                           "update edge_lora on the device.")
     _exact_keys(m, _TOP_KEYS, w)
-    aid = check_adapter_id(_get(m, "adapter_id", str, w), w)
+    check_adapter_id(_get(m, "adapter_id", str, w), w)
     version = _get(m, "version", int, w)
     if not 1 <= version <= MAX_VERSION:
         raise FormatError(f"{w}: version {version} must be an integer from 1 to {MAX_VERSION}.")

@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import re
 import struct
 from collections.abc import Callable
 from pathlib import Path
@@ -30,6 +29,7 @@ import numpy as np
 
 from edge_lora.errors import ExportMetaError
 from edge_lora.formats.export_meta import ExportMeta, export_folder_hash
+from edge_lora.ota.adapter_check import pattern_key
 from edge_lora.ota.codec import safetensors_layout
 from edge_lora.ota.errors import PackageError, ProbeError
 
@@ -82,17 +82,10 @@ def read_safetensors_numpy(data: bytes, where: str) -> dict[str, np.ndarray]:
     return out
 
 
-def _pattern_key(keys, module: str):
-    for key in keys:
-        if re.match(rf"(.*\.)?({key})$", module):
-            return key
-    return None
-
-
 def module_scale(config: dict, module: str) -> float:
     """PEFT's scale for a module: alpha/r, or alpha/sqrt(r) with rsLoRA; rank_pattern/alpha_pattern override."""
     rp, ap = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
-    rk, ak = _pattern_key(rp, module), _pattern_key(ap, module)
+    rk, ak = pattern_key(rp, module), pattern_key(ap, module)
     r = float(rp[rk] if rk is not None else config.get("r", 8))
     alpha = float(ap[ak] if ak is not None else config.get("lora_alpha", 8))
     return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
