@@ -104,33 +104,25 @@ def test_export_and_validate_score_the_users_examples(tmp_path):
     assert "task_score_base" in v and "retention" in v
     again = run_cli("validate", tmp_path / "out", "--quiet", "--eval-data", write(tmp_path, "w1 w2 w3 w4 " * 20,
                                                                                    "prose.txt"))
-    # plain text leaves the task budget nothing to measure: an error unless task = none says so on purpose
+    # plain text leaves the task budget nothing to measure: an error unless task = none says so on purpose (the
+    # error itself is checked below, on export, where it comes before any work)
+    from edge_lora.errors import ConfigError
+    from edge_lora.pipeline import run_export, run_validate
+
     prose = write(tmp_path, "w1 w2 w3 w4 " * 20, "prose.txt")
-    again = run_cli("validate", tmp_path / "out", "--quiet", "--eval-data", prose)
-    assert_clean_error(again, "no task to measure", "max_exact_match_drop", "--eval-data FILE", "validate.task=none")
-    again = run_cli("validate", tmp_path / "out", "--quiet", "--eval-data", prose, "--set", "validate.task=none")
-    assert again.returncode == 0, again.stderr[-3000:]
+    run_validate(tmp_path / "out", ["validate.task=none"], show_progress=False, eval_data=prose)
     v = next(s for s in json.loads((tmp_path / "out" / "report.json").read_text())["stages"]
              if s["stage"] == "validate")
     assert v["metrics"]["eval_data"]["kind"] == "text" and "task" not in v["metrics"]
-    # without --eval-data, an adapter that names no task: the same error before anything is exported ...
-    plain = run_cli("export", "--base", base, "--adapter", tmp_path / "adapter", "--out", tmp_path / "plain",
-                    "--quiet")
-    assert_clean_error(plain, "no task to measure", "no --eval-data was given")
+    # without --eval-data, an adapter that names no task: an error before anything is exported (in process from
+    # here on: the CLI's exit path is the first call's; these save its start-up)
+    with pytest.raises(ConfigError, match="no task to measure.*no --eval-data was given.*validate.task=none"):
+        run_export(base, tmp_path / "adapter", "cpu-fp32", tmp_path / "plain", show_progress=False)
     assert not (tmp_path / "plain").exists()
-    # ... and with task = none the neutral built-in text, the report saying no task metric was measured
-    plain = run_cli("export", "--base", base, "--adapter", tmp_path / "adapter", "--out", tmp_path / "plain",
-                    "--quiet", "--set", "validate.task=none")
-    assert plain.returncode == 0, plain.stderr[-3000:]
-    v = next(s for s in json.loads((tmp_path / "plain" / "report.json").read_text())["stages"]
-             if s["stage"] == "validate")
-    assert v["metrics"]["eval_text"].startswith("the built-in neutral text") and "task" not in v["metrics"]
-    assert any("none measured" in s for s in v["skipped"])
     # bad data fails before anything is exported
     long = write(tmp_path, json.dumps({"prompt": " ".join(["w1"] * 70), "completion": " w2"}) + "\n", "long.jsonl")
-    out = run_cli("export", "--base", base, "--adapter", tmp_path / "adapter", "--out", tmp_path / "bad", "--quiet",
-                  "--eval-data", long)
-    assert_clean_error(out, f"--eval-data {long}, line 1", "exceeds the model's 64 positions")
+    with pytest.raises(EvalDataError, match=f"--eval-data {long}, line 1.*exceeds the model's 64 positions"):
+        run_export(base, tmp_path / "adapter", "cpu-fp32", tmp_path / "bad", show_progress=False, eval_data=long)
     broken = write(tmp_path, '{"prompt": "w1", "completion": " w2"}\n{"prompt": \n', "broken.jsonl")
     out = run_cli("export", "--base", base, "--adapter", tmp_path / "adapter", "--out", tmp_path / "bad", "--quiet",
                   "--eval-data", broken)
@@ -147,3 +139,30 @@ def test_compress_calibrates_on_the_same_jsonl(tmp_path):
     bad = write(tmp_path, '{"prompt": "w1"}\n', "bad.jsonl")
     with pytest.raises(EvalDataError, match=f"--calibration-text {bad}, line 1"):
         calibration_texts(bad)
+
+
+def test_without_eval_data_validation_runs_on_neutral_text_and_says_no_task_was_measured(tmp_path):
+    """In process (no CLI start-up): task = none, a tokenizer, an adapter naming no task."""
+    from conftest import ADAPTER_TABLE, make_peft_adapter
+    from test_cli import with_tokenizer
+
+    from edge_lora.base import tiny_model
+    from edge_lora.config import ValidateConfig
+    from edge_lora.pipeline import reference_model
+    from edge_lora.base import load_base
+    from edge_lora.stages.export_onnx import export_merged
+    from edge_lora.stages.merge import merge
+    from edge_lora.adapter import load_peft
+    from edge_lora.stages.validate import validate
+
+    kind, kwargs = ADAPTER_TABLE["llama-all7"]
+    make_peft_adapter(kind, kwargs, tmp_path / "adapter")
+    tiny_model(kind).save_pretrained(tmp_path / "base0")
+    base = with_tokenizer(tmp_path / "base0", tmp_path / "base")
+    _, tokenizer = load_base(base)
+    (tmp_path / "onnx").mkdir()
+    export_merged(merge(tiny_model(kind), load_peft(tmp_path / "adapter"))[0], None, tmp_path / "onnx")
+    metrics, report = validate(tmp_path / "onnx", reference_model(base, tmp_path / "adapter"), tokenizer,
+                               ValidateConfig(task="none"))
+    assert metrics["eval_text"].startswith("the built-in neutral text") and "task" not in metrics
+    assert any("none measured" in s for s in report.skipped)
