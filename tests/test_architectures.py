@@ -24,10 +24,8 @@ IDS = np.random.default_rng(1).integers(0, 128, size=(2, 9))
 PROMPTS = [[5, 17, 99], [3, 1, 4, 1, 5, 9, 2], [42], [7, 7, 7]]   # different lengths: the batch is left-padded
 
 
-@pytest.fixture(scope="module", params=TINY_DECODERS)
-def arch(request, tmp_path_factory):
-    kind = request.param
-    tmp = tmp_path_factory.mktemp(kind)
+def _exports(kind: str, tmp):
+    """A PEFT LoRA on every linear layer of tiny ``kind``, and its merged and hot-swap exports."""
     peft = make_peft_adapter(kind, dict(r=4, lora_alpha=8, target_modules="all-linear"), tmp / "adapter")
     adapter = load_peft(tmp / "adapter")
     merged_dir, hot_dir = tmp / "merged", tmp / "hotswap"
@@ -36,6 +34,11 @@ def arch(request, tmp_path_factory):
     export_merged(merge(tiny_model(kind), adapter)[0], None, merged_dir)
     export_hotswap(tiny_model(kind), None, adapter, hot_dir, config=ExportConfig(mode="hotswap"))
     return kind, peft, merged_dir, hot_dir
+
+
+@pytest.fixture(scope="module", params=TINY_DECODERS)
+def arch(request, tmp_path_factory):
+    return _exports(request.param, tmp_path_factory.mktemp(request.param))
 
 
 def _logits(session, run_options=None) -> np.ndarray:
@@ -94,16 +97,7 @@ def test_int4_hotswap_builds_and_decodes(arch, tmp_path):
 
 @pytest.fixture(scope="module", params=TINY_ENCODERS)
 def encoder(request, tmp_path_factory):
-    kind = request.param
-    tmp = tmp_path_factory.mktemp(kind)
-    peft = make_peft_adapter(kind, dict(r=4, lora_alpha=8, target_modules="all-linear"), tmp / "adapter")
-    adapter = load_peft(tmp / "adapter")
-    merged_dir, hot_dir = tmp / "merged", tmp / "hotswap"
-    for d in (merged_dir, hot_dir):
-        d.mkdir()
-    export_merged(merge(tiny_model(kind), adapter)[0], None, merged_dir)
-    export_hotswap(tiny_model(kind), None, adapter, hot_dir, config=ExportConfig(mode="hotswap"))
-    return kind, peft, merged_dir, hot_dir
+    return _exports(request.param, tmp_path_factory.mktemp(request.param))
 
 
 def test_encoders_merged_equals_hotswap_equals_peft(encoder):

@@ -465,10 +465,10 @@ def _tamper(folder, tmp_path, header=None, config=None, extra=None):
     data = w.read_bytes()
     n = int.from_bytes(data[:8], "little")
     head, body = json.loads(data[8:8 + n]), data[8 + n:]
-    text = json.dumps(header(head) if header else head) if not callable(getattr(header, "text", None)) else None
-    if isinstance(text, str) and text.startswith("RAW:"):
-        text = text[4:]
-    raw = (header.text(head) if callable(getattr(header, "text", None)) else text).encode()
+    if hasattr(header, "text"):   # a header json.dumps cannot write (duplicate names)
+        raw = header.text(head).encode()
+    else:
+        raw = json.dumps(header(head) if header else head).encode()
     raw += b" " * (-len(raw) % 8)
     w.write_bytes(len(raw).to_bytes(8, "little") + raw + body + (extra or b""))
     if config:

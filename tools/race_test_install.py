@@ -77,7 +77,10 @@ def one_pair(fx: dict, root: Path, packages: tuple[Path, Path]) -> dict:
                                   str(go)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                 for p in packages]
     for c in children:
-        assert c.stdout.readline().strip() == "ready"
+        line = c.stdout.readline().strip()
+        if line != "ready":
+            c.kill()
+            raise RuntimeError(f"installer child failed to start: {line!r} {c.stderr.read()[-500:]}")
     go.touch()
     results = []
     for c in children:
