@@ -185,8 +185,10 @@ _TINY_EXTRA = {"opt": {"ffn_dim": 64, "word_embed_proj_dim": 32}, "falcon": {"he
                                                                                   "n_layers": 2, "n_heads": 4}}
 
 
-def tiny_model(kind: str = "llama", seed: int = 0):
-    """A 2-layer random model of a real architecture, for fast tests. Deterministic for a seed."""
+def tiny_model(kind: str = "llama", seed: int = 0, head_dim: int | None = None):
+    """A 2-layer random model of a real architecture, for fast tests. Deterministic for a seed. ``head_dim``
+    (llama and the TINY_DECODERS): the attention head size, 8 by default; the fused decoder graph needs a
+    multiple of 16 (GroupQueryAttention)."""
     import torch
     from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
@@ -194,7 +196,7 @@ def tiny_model(kind: str = "llama", seed: int = 0):
     if kind == "llama":
         config = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                             tie_word_embeddings=True)
+                             tie_word_embeddings=True, **({"head_dim": head_dim} if head_dim else {}))
         model = LlamaForCausalLM(config)
     elif kind == "bert":
         config = BertConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -208,7 +210,7 @@ def tiny_model(kind: str = "llama", seed: int = 0):
 
         sizes = {"vocab_size": 128, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
                  "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8, "max_position_embeddings": 64,
-                 "pad_token_id": 0, **_TINY_EXTRA.get(kind, {})}
+                 "pad_token_id": 0, **_TINY_EXTRA.get(kind, {}), **({"head_dim": head_dim} if head_dim else {})}
         config = AutoConfig.for_model(kind, **{k: v for k, v in sizes.items() if v is not None})
         model = (AutoModelForCausalLM if kind in TINY_DECODERS else AutoModel).from_config(config)
     else:

@@ -65,6 +65,7 @@ GOLDEN_TEXT = """\
   "model_file": "model.onnx",
   "external_data": false,
   "opset": 17,
+  "graph": "optimum",
   "base": "../bases/llama",
   "base_path": "../bases/llama",
   "base_sha256": "bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb",

@@ -38,6 +38,7 @@ FILE = "edge_lora.json"
 FORMAT_VERSION = 2
 MODEL_FILE = "model.onnx"
 MODES = ("merged", "hotswap")
+GRAPHS = ("optimum", "fused")
 PATH_FIELDS = ("model_file", "adapter_file", "base_path", "adapter_source", "reference_adapter")
 REEXPORT = ("re-export the folder (python -m edge_lora export --base BASE --adapter ADAPTER --profile PROFILE "
             "--out DIR --force)")
@@ -372,6 +373,7 @@ class ExportMeta:
     model_file: str = MODEL_FILE                # relative to the folder
     external_data: bool = False                 # model.onnx keeps its weights in model.onnx* side files
     opset: int | None = None                    # the model's default-domain (ai.onnx) opset
+    graph: str = "optimum"                      # who wrote the graph: "optimum" or "fused" (stages/export_fused)
     base: str | None = None                     # --base as given: a demo name, or its path (relative)
     base_path: str | None = None                # the HF folder the base was loaded from (relative)
     base_sha256: str | None = None              # edge_lora.base.base_content_hash of the base weights
@@ -394,6 +396,8 @@ class ExportMeta:
     def __post_init__(self):
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, not {self.mode!r}")
+        if self.graph not in GRAPHS:
+            raise ValueError(f"graph must be one of {', '.join(GRAPHS)}, not {self.graph!r}")
         for name in ("inputs", "outputs", "lora_groups", "lora_chains", "lora_unreachable"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
         object.__setattr__(self, "lora_inputs", _frozen_mapping(
@@ -505,7 +509,7 @@ class ExportMeta:
 
 
 _PARSERS: dict[str, Callable] = {
-    "mode": _str, "task": _str, "inputs": _list(_str), "outputs": _list(_str),
+    "mode": _str, "task": _str, "graph": _str, "inputs": _list(_str), "outputs": _list(_str),
     "model_file": _relative_field, "external_data": _bool, "opset": _optional(_count),
     "base": _optional(_base_field), "base_path": _optional(_relative_field), "base_sha256": _optional(_str),
     "adapter_source": _optional(_relative_field), "adapter_sha256": _optional(_str),

@@ -177,20 +177,21 @@ def parameter_names(path: str | os.PathLike) -> list[str]:
 
 
 def load(path: str | os.PathLike, groups: Sequence, unreachable: Sequence[str] = ()):
-    """(``ort.LoraAdapter``, the parameter names it feeds) for a hot-swap session whose plain LoRA branches are
-    ``groups``. A float file is memory-mapped by ORT as it is; a quantized one is expanded to float in memory."""
+    """(``ort.LoraAdapter``, the float arrays it feeds: graph input name → array) for a hot-swap session whose
+    plain LoRA branches are ``groups``. A float file is memory-mapped by ORT as it is; a quantized one is expanded
+    to float in memory. The arrays are what an IO-binding loop binds (edge_lora.runtimes.kv_loop)."""
     import onnxruntime as ort
 
     f = read(path)
     if not f.is_quantized:
-        f.float_arrays(groups)   # refuses the older per-input codes with a clear message
+        arrays = f.float_arrays(groups)   # refuses the older per-input codes with a clear message
         adapter = ort.LoraAdapter()
         adapter.Load(str(path))
-        return adapter, sorted(f.parameters)
+        return adapter, arrays
     arrays = f.float_arrays(groups, unreachable)
     if not arrays:
         raise AdapterError(f"{path}: every module of the adapter has rank 0 after quantization; nothing to load.")
-    return load_arrays(arrays), sorted(arrays)
+    return load_arrays(arrays), arrays
 
 
 def load_arrays(arrays: dict[str, np.ndarray]):

@@ -259,7 +259,8 @@ def _ort_outputs(export_dir, adapter_path, input_ids: list[list[int]], threads: 
     from edge_lora.runtimes.ort_session import full_feeds
 
     session = HotswapSession(export_dir, threads=threads)
-    feeds = full_feeds(session.session, np.asarray(input_ids, dtype=np.int64))
+    # lora={}: the base; session.run adds the active adapter's tensors (plain LoRA inputs) or its RunOptions
+    feeds = full_feeds(session.session, np.asarray(input_ids, dtype=np.int64), lora={})
     out_name = session.output_names[:1]
     base_out = session.run(feeds, output_names=out_name)[0]
     session.load_adapter("probe", adapter_path, check=False)

@@ -17,7 +17,7 @@ import numpy as np
 from edge_lora.errors import AdapterError
 from edge_lora.formats import ort_adapter
 from edge_lora.formats.export_meta import FILE as META_FILE, ExportMeta, LoraGroup
-from edge_lora.runtimes.ort_session import full_feeds, load_session, probe_ids
+from edge_lora.runtimes.ort_session import full_feeds, load_session, lora_feeds, lora_graph_inputs, probe_ids
 
 
 def adapter_parameter_names(path: str | os.PathLike) -> list[str]:
@@ -32,11 +32,15 @@ class HotswapSession:
         self.folder = Path(folder)
         self.session = session or load_session(self.folder, threads=threads, spinning=spinning)
         # ORT lists initializer-backed inputs apart from the plain ones: they are the overridable initializers.
-        self.lora_inputs = sorted(i.name for i in self.session.get_overridable_initializers()
-                                  if i.name.startswith("lora."))
+        # The fused graph's LoRA inputs are plain inputs instead (ort_session.lora_graph_inputs): its adapters are
+        # fed as tensors, because RunOptions adapters cannot reach plain inputs nor an IO-binding loop.
+        self.plain_lora = bool(lora_graph_inputs(self.session))
+        self.lora_inputs = sorted(i.name for i in (*self.session.get_overridable_initializers(),
+                                                   *lora_graph_inputs(self.session)) if i.name.startswith("lora."))
         self.output_names = [o.name for o in self.session.get_outputs()]
         self._adapters: dict[str, object] = {}       # name -> LoraAdapter (kept alive on purpose)
         self._run_options: dict[str, object] = {}    # name -> RunOptions with that adapter active
+        self._arrays: dict[str, dict] = {}           # name -> its float arrays by graph input (IO-binding loops)
         self._probe_base: np.ndarray | None = None
         # The export's edge_lora.json, read once (a damaged one raises ExportMetaError); None for a bare model
         # folder. Every swap needs the layout, and a real export's file is ~100 KB of JSON.
@@ -62,18 +66,22 @@ class HotswapSession:
     def adapters(self) -> list[str]:
         return sorted(self._adapters)
 
-    def _probe(self, run_options=None) -> np.ndarray:
+    def _probe(self, run_options=None, lora: dict | None = None) -> np.ndarray:
         config = self.folder / "config.json"
         vocab = json.loads(config.read_text()).get("vocab_size", 100) if config.is_file() else 100
         ids = probe_ids(min(int(vocab), 1000))
-        return self.session.run(self.output_names[:1], full_feeds(self.session, ids), run_options)[0]
+        feeds = full_feeds(self.session, ids, lora=lora if self.plain_lora else None)
+        return self.session.run(self.output_names[:1], feeds, run_options)[0]
 
     def load_adapter(self, name: str, path: str | os.PathLike, check: bool = True) -> None:
         import onnxruntime as ort
 
         # A quantized file (the codes of the one factor quantizer) is expanded to float in memory here, laid out
         # for this export's branches, so decode runs at float-LoRA speed; a float file is memory-mapped as it is.
-        adapter, params = ort_adapter.load(path, self._groups(), self._unreachable())
+        if self.plain_lora:   # tensors only: no ort.LoraAdapter (see __init__)
+            adapter, params = None, ort_adapter.read(path).float_arrays(self._groups(), self._unreachable())
+        else:
+            adapter, params = ort_adapter.load(path, self._groups(), self._unreachable())
         unknown = sorted(set(params) - set(self.lora_inputs))
         fused = self._fused_modules()
         stale = [n for n in unknown if n.rpartition(".")[0].removeprefix("lora.") in fused]
@@ -87,22 +95,35 @@ class HotswapSession:
                                f"{stale[0].rpartition('.')[0].removeprefix('lora.')} into one LoRA branch with its "
                                "sibling projections (export.fuse_projections). Write the adapter file for this "
                                "export: write_ort_adapter(adapter, path, read_meta(folder)).")
-        options = ort.RunOptions()
-        options.add_active_adapter(adapter)
+        options = None
+        if not self.plain_lora:
+            options = ort.RunOptions()
+            options.add_active_adapter(adapter)
         if check:
             if self._probe_base is None:
-                self._probe_base = self._probe()
-            if np.array_equal(self._probe(options), self._probe_base):
+                self._probe_base = self._probe(lora={})
+            if np.array_equal(self._probe(options, lora=params), self._probe_base):
                 raise AdapterError(f"{path}: with this adapter active the model's output on a probe input equals "
                                    "the base's; the adapter is empty or was not applied.")
         self._adapters[name] = adapter
         self._run_options[name] = options
+        self._arrays[name] = params
 
     def unload_adapter(self, name: str) -> None:
         self._run_options.pop(name, None)
         self._adapters.pop(name, None)
+        self._arrays.pop(name, None)
+
+    def lora_feeds(self, adapter: str | None) -> dict:
+        """The tensors to feed for ``adapter`` on a graph with plain LoRA inputs (the fused graph; loops that
+        bind them, since IO binding ignores RunOptions' adapters); {} for the base and where
+        :meth:`run_options` carries the adapter. Pass both on: exactly one of them holds it."""
+        self.run_options(adapter)   # the same error for an adapter that is not loaded
+        return self._arrays[adapter] if adapter is not None and self.plain_lora else {}
 
     def run_options(self, adapter: str | None):
+        """RunOptions with ``adapter`` active; None for the base, and for a graph whose LoRA inputs are plain
+        (feed :meth:`lora_feeds` there)."""
         if adapter is None:
             return None
         if adapter not in self._run_options:
@@ -110,4 +131,6 @@ class HotswapSession:
         return self._run_options[adapter]
 
     def run(self, feeds: dict, adapter: str | None = None, output_names: list[str] | None = None):
+        if self.plain_lora:
+            feeds = {**feeds, **lora_feeds(self.session, self.lora_feeds(adapter))}
         return self.session.run(output_names or self.output_names, feeds, self.run_options(adapter))

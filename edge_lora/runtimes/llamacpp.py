@@ -41,6 +41,31 @@ QUANT_FTYPES = {"F32": "LLAMA_FTYPE_ALL_F32", "F16": "LLAMA_FTYPE_MOSTLY_F16", "
                 "Q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0", "Q4_1": "LLAMA_FTYPE_MOSTLY_Q4_1"}
 
 
+@contextlib.contextmanager
+def _model_params(llama_cpp, **fields):
+    """Make ``Llama()`` load with these ``llama_model_params`` fields (it takes no argument for them: it starts
+    from ``llama_model_default_params()``, so that function is wrapped for the duration of the load).
+
+    Used for ``use_extra_bufts = False``: llama.cpp's extra CPU buffer types (the AMX and weight-repacking
+    buffers) crash inside ``llama_decode`` on some virtual machines (the AMX ``ldtilecfg`` instruction faults in
+    the one this project is built on), and for SmolLM2's Q4_1 they measured no faster. Pass
+    ``extra_bufts=True`` to the runner on hardware where they work."""
+    module = llama_cpp.llama_cpp if hasattr(llama_cpp, "llama_cpp") else llama_cpp
+    original = module.llama_model_default_params
+
+    def params():
+        p = original()
+        for name, value in fields.items():
+            setattr(p, name, value)
+        return p
+
+    module.llama_model_default_params = params
+    try:
+        yield
+    finally:
+        module.llama_model_default_params = original
+
+
 class LlamaCppError(EdgeLoraError):
     """llama.cpp refused an input or failed while running a model."""
 
@@ -110,7 +135,7 @@ class LlamaCppRunner:
 
     def __init__(self, gguf_path: str | os.PathLike, threads: int = 2, n_ctx: int = 1024,
                  lora_path: str | os.PathLike | None = None, *, lora_scale: float = 1.0,
-                 flash_attn: bool = False, kv_type: str = "f16"):
+                 flash_attn: bool = False, kv_type: str = "f16", extra_bufts: bool = False):
         llama_cpp = require_llama_cpp()
         self._lib = llama_cpp
         self._llm = None
@@ -133,10 +158,11 @@ class LlamaCppRunner:
             # n_batch = n_ctx: any prompt that fits the context is one llama_decode call (llama_decode rejects
             # batches larger than n_batch). Adapters are loaded by _load_adapter, not Llama(lora_path=...),
             # because that path also turns mmap off, which would make base and LoRA loads differ.
-            self._llm = llama_cpp.Llama(
-                model_path=str(gguf_path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=min(512, n_ctx),
-                n_threads=threads, n_threads_batch=threads, flash_attn=flash_attn, logits_all=False,
-                type_k=_KV_TYPES[kv_type], type_v=_KV_TYPES[kv_type], verbose=False)
+            with _model_params(llama_cpp, use_extra_bufts=extra_bufts):
+                self._llm = llama_cpp.Llama(
+                    model_path=str(gguf_path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=min(512, n_ctx),
+                    n_threads=threads, n_threads_batch=threads, flash_attn=flash_attn, logits_all=False,
+                    type_k=_KV_TYPES[kv_type], type_v=_KV_TYPES[kv_type], verbose=False)
         except ValueError as exc:  # llama_cpp's "Failed to load model from file"
             raise ModelError(f"llama.cpp could not load {gguf_path}: {exc}. Check that it is a GGUF model of an "
                              "architecture this llama.cpp build supports (see runner.info['version']).") from exc
@@ -171,6 +197,7 @@ class LlamaCppRunner:
             "n_ctx": n_ctx,
             "kv_cache": kv_type,
             "flash_attn": flash_attn,
+            "extra_bufts": extra_bufts,
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
             "system_info": llama_cpp.llama_print_system_info().decode(errors="replace").strip(),
             "notes": [(f"llama.cpp keeps its KV cache in {kv_type}; its threads are OpenMP threads, so "

@@ -93,8 +93,10 @@ class OrtCpuRunner:
         self.name = f"{self.runtime} {threads or 'all'}t {precision}"
         self.info = {"runtime": self.runtime, "provider": self.provider, "threads": threads, "spinning": spinning,
                      "precision": precision, "model": str(self.model_path), "mode": self.meta.mode,
-                     "task": self.task}
+                     "task": self.task, "graph": self.meta.graph}
         self.info["vocab_size"], self.info["max_positions"] = model_limits(self.folder)
+        self.kv = self._shared_kv()
+        self.info["kv_cache"] = "shared buffers (IO binding)" if self.kv is not None else "copied per step"
         # what ships: model.ort, or model.onnx plus its external data files (model.onnx_data, ...)
         files = [self.model_path]
         if self.model_path.name == MODEL_FILE:
@@ -111,19 +113,35 @@ class OrtCpuRunner:
     # -------------------------------------------------------------------------------- causal LMs
     def prefill(self, ids: list[int]) -> int:
         input_ids = np.asarray([ids], dtype=np.int64)
+        if self.kv is not None:
+            self.kv.reset()
+            return int(self.kv.step(input_ids)[0].argmax())
         self._mask = np.ones_like(input_ids)
         logits, self._past = self.lm.step(input_ids, self._mask, empty_past(self.session, 1))
         return int(logits[0].argmax())
 
     def decode(self, token: int) -> int:
+        if self.kv is not None:
+            return int(self.kv.step(np.array([[token]], dtype=np.int64))[0].argmax())
         self._mask = np.concatenate([self._mask, np.ones((1, 1), dtype=np.int64)], axis=-1)
         logits, self._past = self.lm.step(np.array([[token]], dtype=np.int64), self._mask, self._past)
         return int(logits[0].argmax())
 
+    def _shared_kv(self):
+        """Shared KV buffers (edge_lora.runtimes.kv_loop) for the fused graph, with the active adapter's tensors
+        bound; None for other graphs."""
+        from edge_lora.runtimes.kv_loop import SharedKV, is_fused
+
+        if self.is_encoder or not is_fused(self.session):
+            return None
+        lora = self.hot.lora_feeds("active" if "active" in self.hot.adapters else None) if self.hot else None
+        return SharedKV(self.session, 256, 1, lora, max_length=self.info["max_positions"])
+
     # -------------------------------------------------------------------------------- encoders
     def encode(self, batch: list[list[int]]) -> None:
         ids = np.asarray(batch, dtype=np.int64)
-        self.session.run(None, full_feeds(self.session, ids), self.active_run_options())
+        lora = self.hot.lora_feeds("active" if "active" in self.hot.adapters else None) if self.hot else {}
+        self.session.run(None, full_feeds(self.session, ids, lora=lora), self.active_run_options())
 
     # -------------------------------------------------------------------------------- hot-swap
     def swap(self, adapter_path: str | os.PathLike | None) -> None:
@@ -138,9 +156,11 @@ class OrtCpuRunner:
             self._verified.add(key)
         if self.lm is not None:
             self.lm.run_options = self.active_run_options()
+            self.lm.lora = self.hot.lora_feeds("active" if "active" in self.hot.adapters else None)
+            self.kv = self._shared_kv()
 
     def active_run_options(self):
         return self.hot.run_options("active") if self.hot is not None and "active" in self.hot.adapters else None
 
     def close(self) -> None:
-        self.lm = self.hot = self.session = self._past = None
+        self.lm = self.hot = self.session = self._past = self.kv = None

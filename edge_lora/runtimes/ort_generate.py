@@ -3,33 +3,48 @@
 ``OrtCausalLM(session, tokenizer).generate_fn(max_new_tokens)`` is a ``generate_fn`` that
 ``edge_lora.eval.score`` accepts, so every ONNX artifact (fp32, quantized, hot-swapped) is scored by the same
 loop. ``run_options`` carries an active LoRA adapter for hot-swap sessions.
+
+On edge_lora's fused decoder graph (export.graph = "fused") greedy decoding keeps the KV cache in shared,
+preallocated buffers (edge_lora.runtimes.kv_loop.SharedKV) when the adapter is given as ``lora`` tensors
+(``HotswapSession.lora_feeds``): IO binding cannot carry a RunOptions adapter. With ``run_options`` alone it
+takes the plain loop, which is slower but applies the adapter.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from edge_lora.runtimes.ort_session import empty_past, full_feeds
+from edge_lora.runtimes.ort_session import empty_past, full_feeds, lora_feeds
 
 
 class OrtCausalLM:
-    def __init__(self, session, tokenizer=None, run_options=None):
+    def __init__(self, session, tokenizer=None, run_options=None, lora: dict | None = None):
+        from edge_lora.runtimes.kv_loop import is_fused
+
         self.session = session
         self.tokenizer = tokenizer
         self.run_options = run_options
+        self.lora = lora
+        self.fused = is_fused(session)
         self.output_names = [o.name for o in session.get_outputs()]
         self.past_names = [i.name for i in session.get_inputs() if i.name.startswith("past_key_values")]
         # Some exports (optimum's Gemma) take no position_ids and count positions from 0 in every row, so a
         # left-padded row would run at shifted positions: such graphs decode prompts of one length at a time.
         self.takes_positions = "position_ids" in {i.name for i in session.get_inputs()}
 
+    @property
+    def shared_kv(self) -> bool:
+        """Shared KV buffers only when the adapter (if any) comes as tensors: see the module docstring."""
+        return self.fused and (self.run_options is None or self.lora is not None)
+
     def _run(self, feeds):
+        feeds.update(lora_feeds(self.session, self.lora))
         outs = self.session.run(self.output_names, feeds, self.run_options)
         return dict(zip(self.output_names, outs))
 
     def logits(self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None) -> np.ndarray:
         """Logits (batch × length × vocab) of whole sequences in one pass."""
-        return self._run(full_feeds(self.session, np.asarray(input_ids), attention_mask))["logits"]
+        return self._run(full_feeds(self.session, np.asarray(input_ids), attention_mask, lora=self.lora or {}))["logits"]
 
     def step(self, input_ids, attention_mask, past):
         """One decode step. ``past`` maps past_key_values.* names to arrays (empty on the first step)."""
@@ -56,13 +71,22 @@ class OrtCausalLM:
         width = max(len(p) for p in prompt_ids)
         input_ids = np.array([[pad_id] * (width - len(p)) + list(p) for p in prompt_ids], dtype=np.int64)
         mask = np.array([[0] * (width - len(p)) + [1] * len(p) for p in prompt_ids], dtype=np.int64)
-        past = empty_past(self.session, len(prompt_ids))
+        if self.shared_kv:
+            from edge_lora.runtimes.kv_loop import SharedKV
+
+            kv = SharedKV(self.session, width + max_new_tokens, len(prompt_ids), self.lora)
+
+            def step(ids, mask, past):
+                return kv.step(ids), past
+        else:
+            step = self.step
+        past = {} if self.shared_kv else empty_past(self.session, len(prompt_ids))
         generated: list[list[int]] = [[] for _ in prompt_ids]
         done = [False] * len(prompt_ids)
         stop_ids = stop_ids or set()
         step_ids = input_ids
         for _ in range(max_new_tokens):
-            logits, past = self.step(step_ids, mask, past)
+            logits, past = step(step_ids, mask, past)
             next_ids = logits.argmax(-1)
             for row, tok in enumerate(next_ids.tolist()):
                 if done[row]:

@@ -61,9 +61,37 @@ def empty_past(session, batch: int) -> dict[str, np.ndarray]:
     return feeds
 
 
-def full_feeds(session, input_ids: np.ndarray, attention_mask: np.ndarray | None = None) -> dict[str, np.ndarray]:
-    """Feeds for one forward pass over whole sequences, for causal LMs (empty past) and encoders alike."""
+def lora_graph_inputs(session) -> list:
+    """LoRA factors that are plain graph inputs (the fused decoder graph): every run must feed them. Graphs of the
+    optimum path give theirs rank-0 defaults instead (initializer-backed, not listed here)."""
+    return [i for i in session.get_inputs() if i.name.startswith("lora.")]
+
+
+def lora_feeds(session, arrays: dict | None) -> dict[str, np.ndarray]:
+    """Feeds for the LoRA inputs: ``arrays`` (an adapter's tensors by input name; an initializer-backed input
+    takes a feed too) and rank 0 for the plain inputs it leaves out."""
+    arrays = arrays or {}
+    known = {i.name for i in (*session.get_inputs(), *session.get_overridable_initializers())}
+    unknown = sorted(set(arrays) - known)
+    if unknown:
+        raise ModelError(f"LoRA tensors {unknown[:3]} are not inputs of this graph; the adapter was laid out for "
+                         "another export.")
+    feeds = dict(arrays)
+    for inp in lora_graph_inputs(session):
+        if inp.name not in feeds:
+            feeds[inp.name] = np.zeros([d if isinstance(d, int) else 0 for d in inp.shape], np.float32)
+    return feeds
+
+
+def full_feeds(session, input_ids: np.ndarray, attention_mask: np.ndarray | None = None,
+               lora: dict | None = None) -> dict[str, np.ndarray]:
+    """Feeds for one forward pass over whole sequences, for causal LMs (empty past) and encoders alike. ``lora``:
+    the adapter tensors for a graph whose LoRA factors are plain inputs ({} for the base); such a graph without it
+    is an error, never a silent run of the base."""
     batch = input_ids.shape[0]
+    if lora is None and lora_graph_inputs(session):
+        raise ModelError("this graph takes its LoRA factors as plain inputs (the fused graph): pass lora= the "
+                         "adapter's tensors (HotswapSession.lora_feeds(name)), or {} for the base.")
     if attention_mask is None:
         attention_mask = np.ones_like(input_ids)
     names = {i.name for i in user_inputs(session)}
@@ -75,6 +103,7 @@ def full_feeds(session, input_ids: np.ndarray, attention_mask: np.ndarray | None
     if "token_type_ids" in names:
         feeds["token_type_ids"] = np.zeros_like(input_ids, dtype=np.int64)
     feeds.update(empty_past(session, batch))
+    feeds.update(lora_feeds(session, lora))
     unknown = names - set(feeds)
     if unknown:
         raise ModelError(f"the model has inputs edge_lora does not know how to feed: {sorted(unknown)}")

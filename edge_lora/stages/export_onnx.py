@@ -191,12 +191,55 @@ def export_merged(model, tokenizer, out_dir: Path, config: ExportConfig = Export
     to ``out_dir``)."""
     start = time.perf_counter()
     task = resolve_task(model, config)
-    optimum_export(model, out_dir, task, config)
-    fused = passes.apply(out_dir / MODEL_FILE, FuseProjections())[0].details if config.fuse_projections else None
+    graph, why_not = choose_graph(model, task, config)
+    fused = None
+    if graph == "fused":
+        fused_export(model, out_dir, config)
+    else:
+        optimum_export(model, out_dir, task, config)
+        fused = passes.apply(out_dir / MODEL_FILE, FuseProjections())[0].details if config.fuse_projections else None
     _save_side_files(model, tokenizer, out_dir)
-    info = _new_meta(out_dir, mode="merged", task=task, fused_projections=_fuse_summary(fused), **(meta or {}))
+    info = _new_meta(out_dir, mode="merged", task=task, graph=graph, fused_projections=_fuse_summary(fused),
+                     **(meta or {}))
     info = info.write(out_dir)
-    return info, _report(config, out_dir, info, start)
+    return info, _graph_note(_report(config, out_dir, info, start), why_not)
+
+
+# ------------------------------------------------------------------------------------------ fused graph
+def choose_graph(model, task: str, config: ExportConfig, lora_targets=(), chains=None) -> tuple[str, str | None]:
+    """("fused", None) when ``export.graph = "fused"`` and edge_lora.stages.export_fused can write this model;
+    ("optimum", why the fused graph was not used) otherwise (None when it was not asked for)."""
+    from edge_lora.stages.export_fused import fused_support
+
+    if config.graph != "fused":
+        return "optimum", None
+    if task != "text-generation-with-past":
+        return "optimum", f"task {task!r} (the fused graph is a KV-cache decoder)"
+    if chains:
+        return "optimum", "a compressed adapter with factors shared across layers (chain branches)"
+    reason = fused_support(model, lora_targets)
+    return ("optimum", reason) if reason else ("fused", None)
+
+
+def fused_export(model, out_dir: Path, config: ExportConfig, lora_targets=()):
+    """Write the fused decoder graph of ``model`` to ``out_dir/model.onnx``; returns its LoRA groups."""
+    import onnx_ir as ir
+    from edge_lora.stages.export_fused import build
+
+    graph = build(model, lora_targets)
+    big = sum(v.const_value.nbytes for v in graph.model.graph.initializers.values()) > 1_800_000_000
+    external = config.external_data == "always" or big
+    try:
+        ir.save(graph.model, out_dir / MODEL_FILE, external_data=MODEL_FILE + ".data" if external else None)
+    except OSError as exc:
+        raise ModelError(f"cannot write the fused graph into {out_dir}: {exc}") from exc
+    return graph.lora_groups
+
+
+def _graph_note(report: StageReport, why_not: str | None) -> StageReport:
+    if why_not is not None:
+        report.skipped.append(f"export.graph = 'fused' fell back to optimum's graph: {why_not}")
+    return report
 
 
 def _fuse_summary(details: FuseDetails | None) -> FusedProjections | None:
@@ -209,7 +252,7 @@ def _report(config: ExportConfig, out_dir: Path, info: ExportMeta, start: float)
     size = sum(p.stat().st_size for p in out_dir.iterdir() if p.name.startswith(MODEL_FILE))
     return StageReport(stage="export", config=asdict(config), seconds=time.perf_counter() - start,
                        output_hash=export_folder_hash(out_dir),
-                       metrics={"mode": info.mode, "task": info.task, "model_bytes": size,
+                       metrics={"mode": info.mode, "task": info.task, "graph": info.graph, "model_bytes": size,
                                 "inputs": len(info.inputs), "outputs": len(info.outputs),
                                 "external_data": info.external_data, "opset": info.opset})
 
@@ -499,13 +542,22 @@ def export_hotswap(model, tokenizer, adapter, out_dir: Path,
     targets = hotswap_targets(plain, config)
     chains = {c.module: c for c in lora_chains(compressed)} if compressed is not None else {}
     task = resolve_task(model, config)
-    branches = wrap_for_hotswap(model, targets, chains)
-    optimum_export(model, out_dir, task, config)
-    lora_inputs, groups, fused = _graph_passes(out_dir / MODEL_FILE, branches, config.fuse_projections)
+    graph, why_not = choose_graph(model, task, config, targets, chains)
+    if graph == "fused":
+        for name in targets:   # the same refusals as wrap_for_hotswap
+            if base_layer_shape(model.get_submodule(name)) is None:
+                raise CompatibilityError(f"hotswap target {name!r} is not a Linear; LoRA needs a Linear.")
+        groups = list(fused_export(model, out_dir, config, targets))
+        lora_inputs = {m: list(g.inputs) for g in groups for m in g.modules}
+        branches, fused = dict.fromkeys(lora_inputs), None
+    else:
+        branches = wrap_for_hotswap(model, targets, chains)
+        optimum_export(model, out_dir, task, config)
+        lora_inputs, groups, fused = _graph_passes(out_dir / MODEL_FILE, branches, config.fuse_projections)
     _save_side_files(model, tokenizer, out_dir)
     # the device's expansion of a quantized file must know these have no branch on purpose
     unused = sorted(set(branches) - set(lora_inputs))
-    info = _new_meta(out_dir, mode="hotswap", task=task, lora_inputs=lora_inputs, lora_groups=groups,
+    info = _new_meta(out_dir, mode="hotswap", task=task, graph=graph, lora_inputs=lora_inputs, lora_groups=groups,
                      lora_chains=[c for c in chains.values() if c.module in lora_inputs], lora_unreachable=unused,
                      fused_projections=_fuse_summary(fused), **(meta or {}))
     if adapter is not None:
@@ -517,7 +569,7 @@ def export_hotswap(model, tokenizer, adapter, out_dir: Path,
                            bits=qc.bits, mixed_avg_bits=qc.mixed_avg_bits, group_size=qc.group_size,
                            symmetric=qc.symmetric))
     info = info.write(out_dir)
-    report = _report(config, out_dir, info, start)
+    report = _graph_note(_report(config, out_dir, info, start), why_not)
     report.metrics["lora_modules"] = len(lora_inputs)
     report.metrics["lora_branches"] = len(groups) + len(info.lora_chains)
     if info.adapter_file:

@@ -191,19 +191,21 @@ class Candidate:
             self.session = self.hotswap.session
             if meta.adapter_file:
                 self.hotswap.load_adapter("export", Path(folder) / meta.adapter_file)
-            self.run_options = self.hotswap.run_options("export" if self.hotswap.adapters else None)
+            active = "export" if self.hotswap.adapters else None
+            self.run_options = self.hotswap.run_options(active)
+            self.lora = self.hotswap.lora_feeds(active)   # the tensors, for plain LoRA inputs and IO binding
         else:
             self.session = load_session(folder, threads=threads)
-            self.run_options = None
+            self.run_options, self.lora = None, {}
 
     def forward(self, ids: np.ndarray, base: bool = False) -> np.ndarray:
-        options = None if base else self.run_options
-        return self.session.run(None, full_feeds(self.session, ids), options)[0]
+        options, lora = (None, {}) if base else (self.run_options, self.lora)
+        return self.session.run(None, full_feeds(self.session, ids, lora=lora), options)[0]
 
     def causal_lm(self, tokenizer):
         from edge_lora.runtimes.ort_generate import OrtCausalLM
 
-        return OrtCausalLM(self.session, tokenizer, self.run_options)
+        return OrtCausalLM(self.session, tokenizer, self.run_options, lora=self.lora)
 
 
 # ------------------------------------------------------------------------------------------ stage

@@ -1,0 +1,209 @@
+"""The fused decoder graph (edge_lora.stages.export_fused) and its shared-buffer KV loop (runtimes.kv_loop), in the
+style of PEFT's merge tests over a table of tiny models: fused merged == fused hot-swap == PyTorch + PEFT, no
+adapter == the base, greedy decoding through shared KV buffers == the copying loop == PEFT, int4 builds and
+decodes; and the fallback to optimum's graph says why."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from edge_lora.adapter import load_peft
+from edge_lora.base import tiny_model
+from edge_lora.config import ExportConfig
+from edge_lora.errors import ModelError
+from edge_lora.runtimes.hotswap import HotswapSession
+from edge_lora.runtimes.kv_loop import SharedKV, is_fused
+from edge_lora.runtimes.ort_generate import OrtCausalLM
+from edge_lora.runtimes.ort_session import full_feeds, load_session
+from edge_lora.stages.export_fused import ARCHITECTURES, fused_support
+from edge_lora.stages.export_onnx import ADAPTER_FILE, export_hotswap, export_merged, read_meta
+from edge_lora.stages.merge import merge
+
+IDS = np.random.default_rng(1).integers(0, 128, size=(2, 9))
+PROMPTS = [[5, 17, 99], [3, 1, 4, 1, 5, 9, 2], [42], [7, 7, 7]]
+FUSED = ExportConfig(graph="fused")
+FUSED_HOT = ExportConfig(mode="hotswap", graph="fused")
+
+
+def _model(kind: str):
+    return tiny_model(kind, head_dim=16)
+
+
+def _peft(kind: str, folder, targets):
+    from peft import LoraConfig, get_peft_model
+
+    peft = get_peft_model(_model(kind), LoraConfig(r=4, lora_alpha=8, target_modules=targets,
+                                                   init_lora_weights=False))
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn_like(p) * 0.3)
+    peft.eval()
+    peft.save_pretrained(str(folder))
+    return peft
+
+
+def _exports(kind: str, tmp, targets="all-linear"):
+    peft = _peft(kind, tmp / "adapter", targets)
+    adapter = load_peft(tmp / "adapter")
+    merged_dir, hot_dir = tmp / "merged", tmp / "hotswap"
+    merged_dir.mkdir()
+    hot_dir.mkdir()
+    export_merged(merge(_model(kind), adapter)[0], None, merged_dir, FUSED)
+    export_hotswap(_model(kind), None, adapter, hot_dir, config=FUSED_HOT)
+    return kind, peft, merged_dir, hot_dir
+
+
+@pytest.fixture(scope="module", params=ARCHITECTURES)
+def arch(request, tmp_path_factory):
+    return _exports(request.param, tmp_path_factory.mktemp(request.param))
+
+
+def _logits(session, lora=None) -> np.ndarray:
+    return session.run(["logits"], full_feeds(session, IDS, lora=lora if lora is not None else {}))[0]
+
+
+def _peft_logits(peft, adapter: bool = True) -> np.ndarray:
+    with torch.no_grad():
+        if adapter:
+            return peft(input_ids=torch.from_numpy(IDS)).logits.numpy()
+        with peft.disable_adapter():
+            return peft(input_ids=torch.from_numpy(IDS)).logits.numpy()
+
+
+def _peft_greedy(peft, prompt: list[int], n: int) -> list[int]:
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            ids.append(int(peft(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+def test_the_fused_graph_is_what_ran_and_has_few_kernels(arch):
+    kind, _, merged_dir, hot_dir = arch
+    import onnx
+
+    for folder in (merged_dir, hot_dir):
+        assert read_meta(folder).graph == "fused", kind
+        ops = [n.op_type for n in onnx.load(str(folder / "model.onnx")).graph.node]
+        assert ops.count("GroupQueryAttention") == 2 and "Softmax" not in ops and "Concat" not in ops, ops
+        assert is_fused(load_session(folder))
+
+
+def test_merged_equals_hotswap_equals_peft_and_no_adapter_is_the_base(arch):
+    kind, peft, merged_dir, hot_dir = arch
+    expected, base = _peft_logits(peft), _peft_logits(peft, adapter=False)
+    assert not np.allclose(expected, base, atol=1e-3)   # the adapter changes the outputs, so this can fail
+    np.testing.assert_allclose(_logits(load_session(merged_dir)), expected, rtol=1e-4, atol=2e-5, err_msg=kind)
+    hot = HotswapSession(hot_dir)
+    assert hot.plain_lora and hot.run_options(None) is None
+    np.testing.assert_allclose(_logits(hot.session), base, rtol=1e-4, atol=2e-5, err_msg=kind)
+    hot.load_adapter("x", hot_dir / ADAPTER_FILE)
+    assert hot.run_options("x") is None    # the fused graph takes tensors, never a RunOptions adapter
+    np.testing.assert_allclose(_logits(hot.session, hot.lora_feeds("x")), expected, rtol=1e-4, atol=2e-5)
+    np.testing.assert_allclose(hot.run(full_feeds(hot.session, IDS, lora={}), "x")[0], expected, rtol=1e-4,
+                               atol=2e-5)
+
+
+def test_shared_kv_decoding_equals_the_copying_loop_and_peft(arch):
+    kind, peft, _, hot_dir = arch
+    hot = HotswapSession(hot_dir)
+    hot.load_adapter("x", hot_dir / ADAPTER_FILE)
+    shared = OrtCausalLM(hot.session, lora=hot.lora_feeds("x"))
+    copying = OrtCausalLM(hot.session, lora=hot.lora_feeds("x"))
+    copying.fused = False
+    assert shared.shared_kv and not copying.shared_kv
+    expected = [_peft_greedy(peft, p, 6) for p in PROMPTS]
+    assert shared.greedy_ids(PROMPTS, 6) == expected, kind
+    assert copying.greedy_ids(PROMPTS, 6) == expected, kind
+    with peft.disable_adapter():
+        base = [_peft_greedy(peft, p, 6) for p in PROMPTS]
+    assert OrtCausalLM(hot.session).greedy_ids(PROMPTS, 6) == base
+
+
+def test_the_kv_buffers_grow_past_their_capacity_and_keep_what_they_hold(arch):
+    kind, peft, merged_dir, _ = arch
+    session = load_session(merged_dir)
+    kv = SharedKV(session, capacity=4, max_length=64)
+    prompt = [3, 1, 4, 1, 5, 9, 2]
+    token = int(kv.step(np.array([prompt]))[0].argmax())
+    got = [token]
+    for _ in range(11):
+        got.append(int(kv.step(np.array([[got[-1]]]))[0].argmax()))
+    assert kv.capacity >= 18 and kv.length == 18
+    assert got == _peft_greedy(peft, prompt, 12), kind   # the merged export is the adapted model
+    with pytest.raises(ModelError, match="over the model's 64 positions"):
+        kv.step(np.zeros((1, 60), np.int64))
+
+
+def test_int4_builds_and_decodes_through_shared_buffers(arch, tmp_path):
+    import shutil
+
+    from edge_lora.config import QuantizeConfig
+    from edge_lora.stages.quantize_base import quantize_base
+
+    kind, _, _, hot_dir = arch
+    folder = tmp_path / "int4"
+    shutil.copytree(hot_dir, folder)
+    summary, _ = quantize_base(folder / "model.onnx", QuantizeConfig(base="int4", int8_modules=["down_proj",
+                                                                                                 "v_proj"]))
+    assert summary["ops_after"].get("MatMulNBits", 0) > 0, kind
+    hot = HotswapSession(folder)
+    assert is_fused(hot.session)   # the quantizer keeps the graph's marker
+    hot.load_adapter("x", folder / ADAPTER_FILE)
+    got = OrtCausalLM(hot.session, lora=hot.lora_feeds("x")).greedy_ids(PROMPTS, 4)
+    assert [len(g) for g in got] == [4] * len(PROMPTS)
+
+
+def test_an_adapter_on_some_of_a_packed_group_fills_the_others_with_rank_zero(tmp_path):
+    kind, peft, _, hot_dir = _exports("llama", tmp_path, targets=["q_proj", "v_proj", "up_proj"])
+    meta = read_meta(hot_dir)
+    groups = {g.name.rpartition(".")[2]: g.modules for g in meta.lora_groups}
+    assert set(groups) == {"q_proj+k_proj+v_proj", "gate_proj+up_proj"}
+    hot = HotswapSession(hot_dir)
+    hot.load_adapter("x", hot_dir / ADAPTER_FILE)
+    np.testing.assert_allclose(_logits(hot.session, hot.lora_feeds("x")), _peft_logits(peft), rtol=1e-4, atol=2e-5)
+
+
+def test_plain_lora_inputs_are_never_run_as_the_base_by_accident(arch):
+    _, _, _, hot_dir = arch
+    session = load_session(hot_dir)
+    with pytest.raises(ModelError, match="plain inputs"):
+        full_feeds(session, IDS)
+    with pytest.raises(ModelError, match="not inputs of this graph"):
+        full_feeds(session, IDS, lora={"lora.nothing.A": np.zeros((4, 1), np.float32)})
+
+
+def test_shared_kv_refuses_a_graph_whose_cache_it_cannot_share(tmp_path):
+    export_merged(tiny_model("llama"), None, tmp_path, ExportConfig())   # optimum's graph
+    with pytest.raises(ModelError, match="fused decoder graph"):
+        SharedKV(load_session(tmp_path))
+
+
+@pytest.mark.parametrize("kind, config, why", [
+    ("gemma", FUSED, "model type 'gemma'"),
+    ("llama", FUSED, "head size 8"),
+    ("llama", FUSED_HOT, "head size 8"),
+])
+def test_what_the_fused_graph_cannot_take_falls_back_to_optimum_and_says_why(kind, config, why, tmp_path):
+    from conftest import make_peft_adapter
+
+    model = tiny_model(kind)
+    assert why in fused_support(model)
+    (tmp_path / "out").mkdir()
+    if config.mode == "hotswap":
+        make_peft_adapter(kind, dict(r=2, target_modules=["q_proj"]), tmp_path / "adapter")
+        info, report = export_hotswap(model, None, load_peft(tmp_path / "adapter"), tmp_path / "out", config=config)
+    else:
+        info, report = export_merged(model, None, tmp_path / "out", config)
+    assert info.graph == "optimum" and report.metrics["graph"] == "optimum"
+    assert any("fell back to optimum's graph" in s and why in s for s in report.skipped), report.skipped
+
+
+def test_lora_outside_the_decoder_projections_falls_back(tmp_path):
+    model = _model("llama")
+    assert "lm_head" in fused_support(model, ["lm_head"])
+    assert fused_support(model, ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"]) is None
