@@ -54,10 +54,15 @@ class ExportConfig:
     # Runtime's fused decoder ops (GroupQueryAttention, SkipSimplifiedLayerNormalization): ~9x fewer kernels per
     # decode step. Other models fall back to optimum's graph; edge_lora.json and the report say which ran.
     graph: str = "optimum"
+    # Hot-swap on the fused graph: also ship the adapted projections' fp16 weights (merge_on_swap/), so a runtime
+    # can merge each new adapter into the weights in the background and decode at the base's speed
+    # (edge_lora.runtimes.merge_swap). Costs those weights on the device (2 bytes per projection parameter).
+    merge_on_swap: bool = False
 
     def __post_init__(self):
         _choice("export", "mode", self.mode, ("merged", "hotswap"))
         _choice("export", "graph", self.graph, ("optimum", "fused"))
+        _flag("export", "merge_on_swap", self.merge_on_swap)
         _choice("export", "external_data", self.external_data, ("auto", "always"))
         _integer("export", "opset", self.opset, 0, "0 (optimum's default) or an ONNX opset such as 17")
         _names("export", "hotswap_targets", self.hotswap_targets, "module names such as 'lm_head'")
@@ -78,6 +83,9 @@ class ValidateConfig:
     cache_reference: bool = True     # reuse the PyTorch reference's task score (keyed by base, adapter, task)
     # Budgets. A miss writes the report, marks it FAILED and exits with BudgetError (exit code 3).
     min_top1_agreement: float = 0.999
+    # Top-1 agreement on the built-in general text (edge_lora.calibration), besides the evaluation text: a
+    # quantized base may keep the adapter's own text and still lose general language. 0 = not measured.
+    min_top1_general: float = 0.0
     max_mean_kl: float = 1e-4
     min_generation_agreement: float = 0.95
     max_exact_match_drop: float = 0.01   # fraction: 0.01 = one point below the reference
@@ -92,8 +100,8 @@ class ValidateConfig:
             _integer("validate", key, getattr(self, key), 1)
         for key in ("task_base", "cache_reference"):
             _flag("validate", key, getattr(self, key))
-        for key in ("min_top1_agreement", "max_mean_kl", "min_generation_agreement", "max_exact_match_drop",
-                    "max_hidden_rel_error"):   # any number: an unmeetable budget is a (tested) budget miss
+        for key in ("min_top1_agreement", "min_top1_general", "max_mean_kl", "min_generation_agreement",
+                    "max_exact_match_drop", "max_hidden_rel_error"):   # any number: an unmeetable budget is a (tested) budget miss
             _number("validate", key, getattr(self, key), -math.inf, "a number")
 
 
@@ -135,7 +143,7 @@ def _names(stage: str, key: str, value, what: str) -> None:
 
 # ------------------------------------------------------------------------------------------ quantize
 BASE_CHOICES = ("none", "int8", "int4")
-METHODS = ("weight_only", "dynamic")
+METHODS = ("weight_only", "hqq", "dynamic")
 HEAD_CHOICES = ("fp32", "int8", "int4")
 EMBEDDING_CHOICES = ("fp32", "int4")
 ADAPTER_CHOICES = ("fp32", "int8", "int4", "int3", "int2", "mixed:AVG_BITS")
@@ -149,7 +157,10 @@ class QuantizeConfig:
     """Weight quantization of the exported base (see the module docstring for the measured trade-offs)."""
 
     base: str = "none"               # "none", "int8", "int4"
-    method: str = "weight_only"      # "weight_only" (MatMulNBits) or "dynamic" (quantize_dynamic, int8 only)
+    # "weight_only": MatMulNBits, round-to-nearest scales; "hqq": the 4-bit MatMuls by onnxruntime's data-free HQQ
+    # quantizer (half-quadratic search of scale and zero point per block; 8-bit ones stay round-to-nearest);
+    # "dynamic": quantize_dynamic (int8 only)
+    method: str = "weight_only"
     block_size: int = 32             # weights per scale, along the input dimension (power of 2, ≥ 16)
     symmetric: bool = True           # False adds a zero point per block
     accuracy_level: int = 4          # MatMulNBits compute type: 4 = int8 activations (fast), 0 = fp32

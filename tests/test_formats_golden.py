@@ -131,6 +131,7 @@ GOLDEN_TEXT = """\
     "m.pooler"
   ],
   "adapter_file": "adapter.onnx_adapter",
+  "merge_on_swap": null,
   "adapter_parameters": 5,
   "adapter_ranks": {
     "m.q_proj+k_proj": {

@@ -207,3 +207,77 @@ def test_lora_outside_the_decoder_projections_falls_back(tmp_path):
     model = _model("llama")
     assert "lm_head" in fused_support(model, ["lm_head"])
     assert fused_support(model, ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"]) is None
+
+
+# ------------------------------------------------------------------------------------------ merge on swap
+@pytest.fixture(scope="module")
+def merging(tmp_path_factory):
+    """A fused hot-swap export of tiny llama with merge_on_swap/, fp32 base, and its PEFT reference."""
+    tmp = tmp_path_factory.mktemp("merge-on-swap")
+    peft = _peft("llama", tmp / "adapter", "all-linear")
+    folder = tmp / "export"
+    folder.mkdir()
+    export_hotswap(_model("llama"), None, load_peft(tmp / "adapter"), folder,
+                   config=ExportConfig(mode="hotswap", graph="fused", merge_on_swap=True))
+    return peft, folder
+
+
+def test_dropping_the_branches_leaves_the_base_graph(merging):
+    import onnx_ir as ir
+
+    from edge_lora.passes.drop_lora import DropLoraBranches
+
+    peft, folder = merging
+    model = ir.load(folder / "model.onnx")
+    result = DropLoraBranches()(model)
+    assert result.details.branches == 8 and result.details.inputs == 16   # 2 layers × (qkv, o, gate/up, down)
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(ir.serde.serialize_model(model).SerializeToString())
+    np.testing.assert_allclose(_logits(session), _peft_logits(peft, adapter=False), rtol=1e-4, atol=2e-5)
+
+
+def test_merge_on_swap_serves_the_adapter_at_once_then_decodes_on_merged_weights(merging):
+    from edge_lora.runtimes.ort_cpu import OrtCpuRunner
+
+    peft, folder = merging
+    assert read_meta(folder).merge_on_swap == "merge_on_swap"
+    runner = OrtCpuRunner(folder, threads=1)
+    prompt = [3, 1, 4, 1, 5, 9, 2]
+
+    def greedy(n=6):
+        out = [runner.prefill(prompt)]
+        for _ in range(n - 1):
+            out.append(runner.decode(out[-1]))
+        return out
+
+    with peft.disable_adapter():
+        base = _peft_greedy(peft, prompt, 6)
+    assert greedy() == base and runner.decoding_on == "merged"   # the base: the branch-free graph, no merge
+    runner.swap(folder / ADAPTER_FILE)
+    assert runner.decoding_on == "branches"                      # active at once, on the branches
+    expected = _peft_greedy(peft, prompt, 6)
+    assert greedy() == expected
+    assert runner.merger.wait(60) and runner.merger.seconds > 0
+    assert greedy() == expected and runner.decoding_on == "merged"
+    runner.swap(None)
+    assert greedy() == base
+    runner.close()
+
+
+def test_a_sequence_continues_across_the_switch_to_merged_weights(merging):
+    from edge_lora.runtimes.ort_cpu import OrtCpuRunner
+
+    peft, folder = merging
+    runner = OrtCpuRunner(folder, threads=1)
+    runner.swap(folder / ADAPTER_FILE)
+    prompt = [5, 17, 99]
+    out = [runner.prefill(prompt)]
+    out.append(runner.decode(out[-1]))
+    assert runner.decoding_on == "branches"
+    runner.merger.wait(60)
+    for _ in range(4):
+        out.append(runner.decode(out[-1]))
+    assert runner.decoding_on == "merged"
+    assert out == _peft_greedy(peft, prompt, 6)
+    runner.close()

@@ -39,7 +39,7 @@ FORMAT_VERSION = 2
 MODEL_FILE = "model.onnx"
 MODES = ("merged", "hotswap")
 GRAPHS = ("optimum", "fused")
-PATH_FIELDS = ("model_file", "adapter_file", "base_path", "adapter_source", "reference_adapter")
+PATH_FIELDS = ("model_file", "adapter_file", "base_path", "adapter_source", "reference_adapter", "merge_on_swap")
 REEXPORT = ("re-export the folder (python -m edge_lora export --base BASE --adapter ADAPTER --profile PROFILE "
             "--out DIR --force)")
 
@@ -387,6 +387,7 @@ class ExportMeta:
     lora_chains: tuple[LoraChain, ...] = ()     # shared-factor chain branches of a compressed adapter (hotswap)
     lora_unreachable: tuple[str, ...] = ()      # adapted modules whose output reaches no graph output: no branch
     adapter_file: str | None = None             # the adapter file beside the model (relative), if any
+    merge_on_swap: str | None = None            # folder of the branch-free graph + float weights (relative)
     adapter_parameters: int | None = None       # parameters the adapter file gives the graph
     adapter_ranks: Mapping[str, AdapterRanks] = field(default_factory=_frozen_mapping)   # group -> its ranks
     base_quantization: BaseQuantization | None = None
@@ -518,7 +519,8 @@ _PARSERS: dict[str, Callable] = {
     "lora_inputs": _mapping(_list(_str)),
     "lora_groups": _list(LoraGroup.from_meta), "lora_chains": _list(LoraChain.from_meta),
     "lora_unreachable": _list(_str),
-    "adapter_file": _optional(_relative_field), "adapter_parameters": _optional(_count),
+    "adapter_file": _optional(_relative_field), "merge_on_swap": _optional(_relative_field),
+    "adapter_parameters": _optional(_count),
     "adapter_ranks": _mapping(AdapterRanks.from_meta),
     "base_quantization": _optional(BaseQuantization.from_meta),
     "adapter_quantization": _optional(AdapterQuantization.from_meta),

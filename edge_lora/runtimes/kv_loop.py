@@ -33,7 +33,9 @@ class SharedKV:
     and double (one copy of what they hold) when a sequence outgrows them, up to ``max_length`` if given."""
 
     def __init__(self, session, capacity: int = 256, batch: int = 1, lora: dict[str, np.ndarray] | None = None,
-                 max_length: int | None = None):
+                 max_length: int | None = None, follow: "SharedKV | None" = None):
+        """``follow``: continue ``follow``'s sequence on ``session`` (another graph of the same model, e.g. the
+        merged one of edge_lora.runtimes.merge_swap): its buffers and length, bound to this session."""
         if not is_fused(session):
             raise ModelError("shared KV buffers need edge_lora's fused decoder graph (export.graph = 'fused'); "
                              "this session runs another graph: decode it with OrtCausalLM.step.")
@@ -47,7 +49,14 @@ class SharedKV:
         self._shapes = {i.name: (i.shape[1], i.shape[3]) for i in session.get_inputs()
                         if i.name.startswith("past_key_values")}
         self.buffers: dict[str, np.ndarray] = {}
-        self._allocate(int(capacity))
+        if follow is not None:
+            self.batch, self.length, self.max_length = follow.batch, follow.length, follow.max_length
+            self.buffers = follow.buffers
+            if set(self.buffers) != set(self._shapes):
+                raise ModelError("the two graphs do not have the same KV cache inputs; they are not one model.")
+            self._allocate(follow.capacity)
+        else:
+            self._allocate(int(capacity))
         self._lora = []   # arrays bound by pointer must outlive the binding
         plain = {i.name for i in session.get_inputs()}
         backed = sorted(set(lora or {}) - plain)
@@ -69,10 +78,13 @@ class SharedKV:
         import onnxruntime as ort
 
         for name, (kv_heads, head_dim) in self._shapes.items():
-            buffer = np.zeros((self.batch, kv_heads, capacity, head_dim), np.float32)
             old = self.buffers.get(name)
-            if old is not None and self.length:
-                buffer[:, :, :self.length] = old[:, :, :self.length]
+            if old is not None and old.shape[2] == capacity:   # adopted from another session (follow)
+                buffer = old
+            else:
+                buffer = np.zeros((self.batch, kv_heads, capacity, head_dim), np.float32)
+                if old is not None and self.length:
+                    buffer[:, :, :self.length] = old[:, :, :self.length]
             value = ort.OrtValue.ortvalue_from_numpy(buffer)   # shares the numpy memory
             self.io.bind_ortvalue_input(name, value)
             self.io.bind_ortvalue_output(name.replace("past_key_values", "present"), value)

@@ -75,7 +75,9 @@ class OrtCpuRunner:
     provider = "CPUExecutionProvider"
 
     def __init__(self, folder: str | os.PathLike, threads: int = 2, spinning: bool = True,
-                 precision: str | None = None):
+                 precision: str | None = None, merge_on_swap: bool = True):
+        """``merge_on_swap``: on an export that has merge_on_swap/ (edge_lora.runtimes.merge_swap), decode on the
+        merged weights once a swap's background merge is done (False: always on the LoRA branches)."""
         self.folder = Path(folder)
         self.meta = export_meta(self.folder)
         self.task = self.meta.task
@@ -95,6 +97,14 @@ class OrtCpuRunner:
                      "precision": precision, "model": str(self.model_path), "mode": self.meta.mode,
                      "task": self.task, "graph": self.meta.graph}
         self.info["vocab_size"], self.info["max_positions"] = model_limits(self.folder)
+        self.merger = None
+        if self.meta.merge_on_swap and merge_on_swap and self.kv_fused():
+            from edge_lora.runtimes.merge_swap import MergeOnSwap
+
+            self.merger = MergeOnSwap(self.folder, self.meta.path("merge_on_swap"), self.meta.lora_groups, threads,
+                                      spinning)
+            self.merger.start(None)
+        self.info["merge_on_swap"] = self.merger is not None
         self.kv = self._shared_kv()
         self.info["kv_cache"] = "shared buffers (IO binding)" if self.kv is not None else "copied per step"
         # what ships: model.ort, or model.onnx plus its external data files (model.onnx_data, ...)
@@ -114,6 +124,7 @@ class OrtCpuRunner:
     def prefill(self, ids: list[int]) -> int:
         input_ids = np.asarray([ids], dtype=np.int64)
         if self.kv is not None:
+            self._follow_merge()
             self.kv.reset()
             return int(self.kv.step(input_ids)[0].argmax())
         self._mask = np.ones_like(input_ids)
@@ -122,10 +133,31 @@ class OrtCpuRunner:
 
     def decode(self, token: int) -> int:
         if self.kv is not None:
+            self._follow_merge()
             return int(self.kv.step(np.array([[token]], dtype=np.int64))[0].argmax())
         self._mask = np.concatenate([self._mask, np.ones((1, 1), dtype=np.int64)], axis=-1)
         logits, self._past = self.lm.step(np.array([[token]], dtype=np.int64), self._mask, self._past)
         return int(logits[0].argmax())
+
+    def kv_fused(self) -> bool:
+        from edge_lora.runtimes.kv_loop import is_fused
+
+        return not self.is_encoder and is_fused(self.session)
+
+    def _follow_merge(self) -> None:
+        """Move the sequence to the merged session as soon as the background merge has made it."""
+        from edge_lora.runtimes.kv_loop import SharedKV
+
+        merger = self.merger
+        if merger is not None and merger.session is not None and self.kv.session is not merger.session:
+            self.kv = SharedKV(merger.session, follow=self.kv)
+
+    @property
+    def decoding_on(self) -> str:
+        """"merged" when steps run on merged weights (merge_on_swap), else "branches" (or "graph")."""
+        if self.merger is not None and self.kv is not None and self.kv.session is self.merger.session:
+            return "merged"
+        return "branches" if self.hot is not None else "graph"
 
     def _shared_kv(self):
         """Shared KV buffers (edge_lora.runtimes.kv_loop) for the fused graph, with the active adapter's tensors
@@ -158,9 +190,11 @@ class OrtCpuRunner:
             self.lm.run_options = self.active_run_options()
             self.lm.lora = self.hot.lora_feeds("active" if "active" in self.hot.adapters else None)
             self.kv = self._shared_kv()
+            if self.merger is not None:
+                self.merger.start(self.lm.lora or None)
 
     def active_run_options(self):
         return self.hot.run_options("active") if self.hot is not None and "active" in self.hot.adapters else None
 
     def close(self) -> None:
-        self.lm = self.hot = self.session = self._past = self.kv = None
+        self.lm = self.hot = self.session = self._past = self.kv = self.merger = None

@@ -48,6 +48,8 @@ from edge_lora.runtimes.kv_loop import GRAPH_KEY
 from edge_lora.passes.fuse import FUSABLE_SIBLINGS, lora_group_name, lora_input_names, rank_dim
 
 ARCHITECTURES = ("llama", "mistral", "qwen2")
+MERGE_DIR = "merge_on_swap"               # beside model.onnx: weights.safetensors (fp16 packed projections)
+MERGE_WEIGHTS = "weights.safetensors"
 STATIC_ROPE = ("default", "linear", "llama3", "yarn")
 ATTENTION = ("q_proj", "k_proj", "v_proj")
 MLP_IN = ("gate_proj", "up_proj")
@@ -282,3 +284,25 @@ def build(model, lora_targets=(), max_positions: int | None = None) -> FusedGrap
     model_ir = ir.Model(graph, ir_version=8, producer_name="edge_lora")
     model_ir.metadata_props[GRAPH_KEY] = "fused"   # runners read it: past and present may share buffers
     return FusedGraph(model_ir, tuple(sorted(lora_records, key=lambda g: g.name)), len(w.nodes))
+
+
+def packed_weights(model, groups) -> dict[str, np.ndarray]:
+    """fp16 MatMul-layout weights of each LoRA group's packed projection, named ``<group>.weight`` as in the
+    graph (the merge-on-swap runtime adds ``A_cat·B_bd`` to them and quantizes them like the export did)."""
+    out = {}
+    for g in groups:
+        mods = [model.get_submodule(m) for m in g.modules]
+        out[f"{g.name}.weight"] = np.ascontiguousarray(np.concatenate([_t(m.weight) for m in mods], axis=1),
+                                                       dtype=np.float16)
+    return out
+
+
+def write_merge_files(model, groups, out_dir) -> None:
+    """``out_dir/merge_on_swap/weights.safetensors``: the fp16 packed weights of every LoRA group (see
+    packed_weights). The branch-free graph is not shipped: the runtime derives it from model.onnx
+    (edge_lora.passes.drop_lora), so the device holds the base once."""
+    from safetensors.numpy import save_file
+
+    folder = out_dir / MERGE_DIR
+    folder.mkdir()
+    save_file(packed_weights(model, groups), str(folder / MERGE_WEIGHTS))

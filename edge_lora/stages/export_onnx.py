@@ -550,6 +550,11 @@ def export_hotswap(model, tokenizer, adapter, out_dir: Path,
         groups = list(fused_export(model, out_dir, config, targets))
         lora_inputs = {m: list(g.inputs) for g in groups for m in g.modules}
         branches, fused = dict.fromkeys(lora_inputs), None
+        if config.merge_on_swap:
+            from edge_lora.stages.export_fused import MERGE_DIR, write_merge_files
+
+            write_merge_files(model, groups, out_dir)
+            meta = {**(meta or {}), "merge_on_swap": MERGE_DIR}
     else:
         branches = wrap_for_hotswap(model, targets, chains)
         optimum_export(model, out_dir, task, config)
@@ -570,6 +575,8 @@ def export_hotswap(model, tokenizer, adapter, out_dir: Path,
                            symmetric=qc.symmetric))
     info = info.write(out_dir)
     report = _graph_note(_report(config, out_dir, info, start), why_not)
+    if config.merge_on_swap and not info.merge_on_swap:
+        report.skipped.append("export.merge_on_swap needs the fused graph; this export has none")
     report.metrics["lora_modules"] = len(lora_inputs)
     report.metrics["lora_branches"] = len(groups) + len(info.lora_chains)
     if info.adapter_file:

@@ -104,8 +104,14 @@ def _nbits(proto, bits: int, include: list[str], config: QuantizeConfig):
 
     _quiet_quantizer()
     level = config.accuracy_level or None
-    algo = DefaultWeightOnlyQuantConfig(block_size=config.block_size, is_symmetric=config.symmetric,
-                                        accuracy_level=level, bits=bits)
+    hqq = config.method == "hqq" and bits == 4
+    if hqq:
+        from onnxruntime.quantization.matmul_nbits_quantizer import HQQWeightOnlyQuantConfig
+
+        algo = HQQWeightOnlyQuantConfig(block_size=config.block_size, bits=bits)
+    else:
+        algo = DefaultWeightOnlyQuantConfig(block_size=config.block_size, is_symmetric=config.symmetric,
+                                            accuracy_level=level, bits=bits)
     # nodes_to_include is not honoured by the default algorithm in onnxruntime 1.2x: exclude the rest instead,
     # every other MatMul included: the quantizer would take a LoRA input's rank-0 default for a weight.
     wanted = set(include)
@@ -113,7 +119,14 @@ def _nbits(proto, bits: int, include: list[str], config: QuantizeConfig):
     q = MatMulNBitsQuantizer(proto, bits=bits, block_size=config.block_size, is_symmetric=config.symmetric,
                              accuracy_level=level, nodes_to_exclude=exclude, algo_config=algo)
     q.process()
-    return q.model.model
+    proto = q.model.model
+    if hqq and level:   # HQQ's nodes carry no accuracy_level: fp32 compute, measured 5x slower at decode
+        import onnx
+
+        for node in proto.graph.node:
+            if node.op_type == "MatMulNBits" and not any(a.name == "accuracy_level" for a in node.attribute):
+                node.attribute.append(onnx.helper.make_attribute("accuracy_level", level))
+    return proto
 
 
 def _gather_int4(proto, config: QuantizeConfig):

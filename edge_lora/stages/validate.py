@@ -218,6 +218,8 @@ def budget_failures(metrics: dict, config: ValidateConfig) -> list[str]:
 
     check("top1_agreement", lambda v: v >= config.min_top1_agreement, config.min_top1_agreement,
           "top-1 agreement below budget")
+    check("top1_agreement_general", lambda v: v >= config.min_top1_general, config.min_top1_general,
+          "top-1 agreement on the general text below budget")
     check("mean_kl", lambda v: v <= config.max_mean_kl, config.max_mean_kl, "mean KL above budget")
     check("generation_agreement", lambda v: v >= config.min_generation_agreement, config.min_generation_agreement,
           "greedy generation agreement below budget")
@@ -287,6 +289,14 @@ def validate(export_dir: str | Path, reference, tokenizer, config: ValidateConfi
     if eval_data is not None:
         metrics["eval_data"] = {"path": eval_data.path, "sha256": eval_data.sha256, "kind": eval_data.kind,
                                 "examples": len(eval_data.examples)}
+
+    if causal and config.min_top1_general > 0 and tokenizer is not None:
+        from edge_lora.calibration import TEXTS
+
+        general = eval_ids(tokenizer, n, model_config.vocab_size, None, "\n".join(TEXTS))
+        say("reference and candidate on the general text")
+        metrics["top1_agreement_general"] = float(
+            (_torch_out(reference, general)[0].argmax(-1) == candidate.forward(general)[0].argmax(-1)).mean())
 
     if candidate.hotswap is not None:
         plain = candidate.forward(ids, base=True)[0]
