@@ -69,11 +69,22 @@ def test_overrides_are_typed_by_the_field():
     assert profile.config("validate").task_examples == 8
 
 
+def test_optional_fields_take_a_value_or_none():
+    """``int | None`` fields: a value of the member type (from TOML or --set), or none."""
+    assert parse_overrides(["quantize.lm_head_block_size=128"]) == {"quantize": {"lm_head_block_size": 128}}
+    assert parse_overrides(["quantize.lm_head_block_size=none"]) == {"quantize": {"lm_head_block_size": None}}
+    profile = load_profile("cpu-int8", ["quantize.lm_head_block_size=64"])
+    assert profile.config("quantize").lm_head_block_size == 64
+    with pytest.raises(ProfileError, match="lm_head_block_size must be int"):
+        parse_profile({"quantize": {"lm_head_block_size": "64"}}, "x")
+
+
 @pytest.mark.parametrize("item, match", [
     ("validate.max_mean_kl", "expected stage.key=value"),
     ("validat.max_mean_kl=1", "unknown stage"),
     ("validate.max_kl=1", "Valid keys"),
     ("validate.task_examples=lots", "not a valid int"),
+    ("quantize.lm_head_block_size=lots", "not a valid int"),
 ])
 def test_bad_overrides(item, match):
     with pytest.raises(ProfileError, match=match):

@@ -92,6 +92,17 @@ def test_int4_keeps_named_modules_and_head_at_int8(merged_export, tmp_path):
     assert 0 < err4 < 1.0   # a 2-layer random model has no structure to keep; SmolLM2 is measured in the slow test
 
 
+def test_lm_head_block_size_applies_to_the_head_only(merged_export, tmp_path):
+    folder = copy_of(merged_export, tmp_path)
+    summary, _ = quantize_base(folder / MODEL_FILE, QuantizeConfig(base="int8", block_size=16, lm_head_block_size=32))
+    blocks = {n.name: next(a.i for a in n.attribute if a.name == "block_size")
+              for n in onnx.load(str(folder / MODEL_FILE)).graph.node if n.op_type == "MatMulNBits"}
+    assert {b for n, b in blocks.items() if "lm_head" in n} == {32}
+    assert {b for n, b in blocks.items() if "lm_head" not in n} == {16} and len(blocks) == 15
+    assert summary["lm_head_block_size"] == 32 and summary["block_size"] == 16
+    assert rel_err(logits(folder), logits(merged_export)) < 0.1
+
+
 def test_int4_error_is_larger_than_int8(merged_export, tmp_path):
     """A check that both quantizers really quantize (an untouched model would pass a bound test)."""
     q8, q4 = copy_of(merged_export, tmp_path, "q8"), copy_of(merged_export, tmp_path, "q4")
@@ -170,6 +181,8 @@ def test_failed_write_leaves_the_export_untouched(merged_export, tmp_path, monke
     (dict(base="int3"), "quantize.base"),
     (dict(base="int4", block_size=48), "power of 2"),
     (dict(base="int4", block_size=8), "power of 2"),
+    (dict(base="int8", lm_head_block_size=100), "lm_head_block_size"),
+    (dict(base="int8", lm_head_block_size=True), "lm_head_block_size"),
     (dict(base="int4", accuracy_level=7), "accuracy_level"),
     (dict(base="int4", method="dynamic"), "dynamic"),
     (dict(base="int8", method="dynamic", lm_head="int4"), "dynamic"),

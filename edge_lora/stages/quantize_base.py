@@ -98,7 +98,7 @@ def _quiet_quantizer() -> None:
     logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.ERROR)
 
 
-def _nbits(proto, bits: int, include: list[str], config: QuantizeConfig):
+def _nbits(proto, bits: int, include: list[str], config: QuantizeConfig, block_size: int):
     from onnxruntime.quantization.matmul_nbits_quantizer import (DefaultWeightOnlyQuantConfig,
                                                                  MatMulNBitsQuantizer)
 
@@ -108,15 +108,15 @@ def _nbits(proto, bits: int, include: list[str], config: QuantizeConfig):
     if hqq:
         from onnxruntime.quantization.matmul_nbits_quantizer import HQQWeightOnlyQuantConfig
 
-        algo = HQQWeightOnlyQuantConfig(block_size=config.block_size, bits=bits)
+        algo = HQQWeightOnlyQuantConfig(block_size=block_size, bits=bits)
     else:
-        algo = DefaultWeightOnlyQuantConfig(block_size=config.block_size, is_symmetric=config.symmetric,
+        algo = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=config.symmetric,
                                             accuracy_level=level, bits=bits)
     # nodes_to_include is not honoured by the default algorithm in onnxruntime 1.2x: exclude the rest instead,
     # every other MatMul included: the quantizer would take a LoRA input's rank-0 default for a weight.
     wanted = set(include)
     exclude = [n.name for n in proto.graph.node if n.op_type == "MatMul" and n.name not in wanted]
-    q = MatMulNBitsQuantizer(proto, bits=bits, block_size=config.block_size, is_symmetric=config.symmetric,
+    q = MatMulNBitsQuantizer(proto, bits=bits, block_size=block_size, is_symmetric=config.symmetric,
                              accuracy_level=level, nodes_to_exclude=exclude, algo_config=algo)
     q.process()
     proto = q.model.model
@@ -213,6 +213,7 @@ def quantize_base(model_path: str | os.PathLike, config: QuantizeConfig) -> tupl
     prep = prepare_graph(model, untie_head=config.lm_head != "fp32")
     untied = next((list(r.details.untied) for r in prep if r.name == "untie_head"), [])
     plan = plan_bits(model.graph, config)
+    heads = set(head_nodes(model.graph)) if config.lm_head_block_size else set()
     proto = ir.serde.serialize_model(model)
     del model
     by_bits = {b: [n for n, nb in plan.items() if nb == b] for b in (4, 8, 32)}
@@ -220,8 +221,12 @@ def quantize_base(model_path: str | os.PathLike, config: QuantizeConfig) -> tupl
         proto = _dynamic(proto, by_bits[8], model_path.parent)
     else:
         for bits in (4, 8):
-            if by_bits[bits]:
-                proto = _nbits(proto, bits, by_bits[bits], config)
+            body = [n for n in by_bits[bits] if n not in heads]
+            head = [n for n in by_bits[bits] if n in heads]
+            if body:
+                proto = _nbits(proto, bits, body, config, config.block_size)
+            if head:
+                proto = _nbits(proto, bits, head, config, config.lm_head_block_size)
     if config.embedding == "int4":
         proto = _gather_int4(proto, config)
     _save_atomic(proto, model_path)
@@ -233,7 +238,8 @@ def quantize_base(model_path: str | os.PathLike, config: QuantizeConfig) -> tupl
             ops[node.op_type] = ops.get(node.op_type, 0) + 1
     summary = {"base": config.base, "method": config.method, "block_size": config.block_size,
                "symmetric": config.symmetric, "accuracy_level": config.accuracy_level,
-               "lm_head": config.lm_head, "embedding": config.embedding,
+               "lm_head": config.lm_head,
+               "lm_head_block_size": config.lm_head_block_size or config.block_size, "embedding": config.embedding,
                "int4_matmuls": len(by_bits[4]), "int8_matmuls": len(by_bits[8]), "fp32_matmuls": len(by_bits[32]),
                "untied": untied, "bytes_before": before, "bytes_after": after, "ops_after": ops}
     report = StageReport(stage=STAGE, config=asdict(config), seconds=time.perf_counter() - start,
