@@ -281,3 +281,43 @@ def test_a_sequence_continues_across_the_switch_to_merged_weights(merging):
     assert runner.decoding_on == "merged"
     assert out == _peft_greedy(peft, prompt, 6)
     runner.close()
+
+
+def test_an_ota_package_of_a_fused_hotswap_export_installs_through_its_ort_probe(tmp_path):
+    """The device's ort probe runs the plain-LoRA graph (the adapter's tensors as inputs): a package for the fused
+    export installs, and one whose expectation the adapter does not meet is refused."""
+    from package_fixtures import keygen, resign
+
+    from edge_lora.base import base_content_hash
+    from edge_lora.ota.errors import ProbeError
+    from edge_lora.ota.install import install
+    from edge_lora.ota.keys import load_private_key, load_public_key
+    from edge_lora.stages.package import build_package
+
+    base = tmp_path / "base"
+    _model("llama").save_pretrained(str(base))
+    base_hash = base_content_hash(base)
+    _peft("llama", tmp_path / "x", "all-linear")
+    export = tmp_path / "export"
+    export.mkdir()
+    export_hotswap(_model("llama"), None, load_peft(tmp_path / "x"), export, config=FUSED_HOT,
+                   meta={"base_sha256": base_hash})
+    assert read_meta(export).graph == "fused"
+    priv_path, pub_path = keygen(tmp_path / "keys")
+    priv, pub = load_private_key(priv_path), load_public_key(pub_path)
+    pkg = tmp_path / "v1.elpkg"
+    report = build_package(export, priv, 1, base, pkg, adapter_id="fused", base_hash=base_hash, level=3)
+    assert report["probes"] == ["ort"]
+    root = tmp_path / "root"
+    root.mkdir()
+    report = install(pkg, pub, root, base=base_hash, export=export)
+    assert [(p["kind"], p["status"]) for p in report["probes"]] == [("ort", "passed")]
+
+    def mm(m):
+        m["version"] = 2
+        m["probes"][0]["expected"][3][0] += 0.05
+
+    bad = tmp_path / "v2.elpkg"
+    bad.write_bytes(resign(pkg.read_bytes(), priv, mm))
+    with pytest.raises(ProbeError, match="ort probe: position 3"):
+        install(bad, pub, root)
