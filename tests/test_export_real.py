@@ -47,6 +47,21 @@ def test_smollm2_demo_adapter_meets_budgets(tmp_path, profile):
     assert metrics["exact_match_reference"] > 0.5   # the adapter learned the task, so the check means something
 
 
+@pytest.mark.skipif(not (DEMO / "adapter_model.safetensors").is_file(),
+                    reason="demo adapter not trained yet: python tools/train_demo_adapter.py")
+@pytest.mark.parametrize("profile", ["cpu-fast", "cpu-fast-hotswap"])
+def test_smollm2_fast_profiles_run_the_fused_graph_and_meet_the_bar(tmp_path, profile):
+    from edge_lora.formats.export_meta import ExportMeta
+    from edge_lora.pipeline import run_export
+
+    report = run_export("smollm2", DEMO, profile, tmp_path / "out", show_progress=False)
+    metrics = next(s for s in report["stages"] if s["stage"] == "validate")["metrics"]
+    assert report["status"] == "PASSED"
+    assert ExportMeta.read(tmp_path / "out").graph == "fused"
+    assert metrics["top1_agreement"] >= 0.97 and metrics["top1_agreement_general"] >= 0.93
+    assert metrics["exact_match_reference"] - metrics["exact_match_candidate"] <= 0.02
+
+
 def test_smollm2_hotswap_base_x_y_x(tmp_path):
     """One hot-swap session on SmolLM2: no adapter == PyTorch base, X == PEFT X, Y == PEFT Y, back to X."""
     from edge_lora.adapter import load_peft
