@@ -283,6 +283,50 @@ def test_a_sequence_continues_across_the_switch_to_merged_weights(merging):
     runner.close()
 
 
+def test_the_merge_sessions_share_one_copy_of_the_base_weights(merging):
+    """The branch session, the branch-free base and every merged session read the same OrtValues (add_initializer);
+    the branch-free graph the merger keeps holds no weights of its own."""
+    from edge_lora.runtimes.ort_cpu import OrtCpuRunner
+
+    peft, folder = merging
+    runner = OrtCpuRunner(folder, threads=1)
+    merger = runner.merger
+    shared_bytes = sum(v.numpy().nbytes for v in merger.shared.values())
+    assert merger.shared and len(merger.graph_bytes) < shared_bytes / 2
+    assert runner.session._edge_lora_keep is merger.shared
+    base = merger.base_session.run(["logits"], full_feeds(merger.base_session, IDS, lora={}))[0]
+    branches = runner.session.run(["logits"], full_feeds(runner.session, IDS, lora={}))[0]
+    np.testing.assert_allclose(base, branches, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(base, _peft_logits(peft, adapter=False), rtol=1e-4, atol=2e-5)
+    runner.close()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "offsets", "dtype"])
+def test_a_damaged_merge_weights_file_is_refused_by_name(merging, tmp_path, damage):
+    import json
+    import shutil
+
+    from edge_lora.runtimes.ort_cpu import OrtCpuRunner
+
+    _, folder = merging
+    copy = tmp_path / "export"
+    shutil.copytree(folder, copy)
+    weights = copy / "merge_on_swap" / "weights.safetensors"
+    data = weights.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    name = next(k for k in header if k != "__metadata__")
+    if damage == "truncated":
+        weights.write_bytes(data[:8 + n + 10])
+    else:
+        header[name]["data_offsets" if damage == "offsets" else "dtype"] = \
+            [0, len(data) * 2] if damage == "offsets" else "I64"
+        head = json.dumps(header).encode()
+        weights.write_bytes(len(head).to_bytes(8, "little") + head + data[8 + n:])
+    with pytest.raises(ModelError, match="weights.safetensors.*re-export"):
+        OrtCpuRunner(copy, threads=1)
+
+
 def test_an_ota_package_of_a_fused_hotswap_export_installs_through_its_ort_probe(tmp_path):
     """The device's ort probe runs the plain-LoRA graph (the adapter's tensors as inputs): a package for the fused
     export installs, and one whose expectation the adapter does not meet is refused."""

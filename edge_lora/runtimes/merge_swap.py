@@ -7,8 +7,10 @@ washes most of an adapter out. So a hot-swap export with ``export.merge_on_swap`
 the fused graph without branches and the fp16 weights of every adapted (packed) projection. On ``swap``:
 
 1. the adapter's tensors go to the branch session (``HotswapSession``): it is active within the swap itself;
-   the branch-free graph is derived from the same model.onnx at load (edge_lora.passes.drop_lora), so the
-   device holds the base once, plus the fp16 weights;
+   the branch-free graph is derived from the same model.onnx at load (edge_lora.passes.drop_lora), and every
+   session (branches, branch-free base, merged) reads the base's weights from one set of OrtValues
+   (``add_initializer``), so the device holds the base once, plus each session's pre-packed MatMulNBits weights
+   and the memory-mapped fp16 weights (BENCHMARKS "Merge on swap" has the resident memory);
 2. a background thread adds ``A_cat·B_bd`` to each packed fp16 weight, quantizes it with the export's own
    MatMulNBits quantizer and settings (read from the graph's nodes, so the result is what the quantize stage would
    have written for a merged export), and opens a session of the branch-free graph with those weights
@@ -81,6 +83,81 @@ def merged_initializers(weights: dict[str, np.ndarray], lora: dict[str, np.ndarr
     return out
 
 
+def _share_initializers(model, model_file: Path) -> dict:
+    """Move the weights of ``model`` (onnx_ir, modified in place) into OrtValues that every session of it shares
+    (``SessionOptions.add_initializer``: ORT uses the caller's memory instead of a copy of its own), so the base
+    session and each merged one hold the base once, plus their own pre-packed MatMulNBits weights.
+
+    Each moved initializer becomes an external-data reference into ``model_file`` of its own size: a placeholder
+    that ORT checks (the file exists beside the graph and holds that many bytes) and never reads, since an
+    initializer given with add_initializer replaces the one in the graph. Small ones (shape inputs), those that
+    only meet other constants, and any larger than the file stay in the graph."""
+    import onnx_ir as ir
+    import onnxruntime as ort
+
+    limit = model_file.stat().st_size
+    initializers = model.graph.initializers
+    shared = {}
+    for name, value in initializers.items():
+        tensor = value.const_value
+        if tensor is None or tensor.nbytes < 1024 or tensor.nbytes > limit:
+            continue
+        # ORT's constant folding reads the graph's own copy of a node whose inputs are all constant (a tied
+        # head's Transpose of the embedding, measured: it read the placeholder): such initializers stay
+        if any(all(i is None or i.name in initializers for i in node.inputs) for node, _ in value.uses()):
+            continue
+        shared[name] = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(tensor.numpy()))
+        value.const_value = ir.ExternalTensor(model_file.name, 0, tensor.nbytes, tensor.dtype, shape=tensor.shape,
+                                              name=name, base_dir=str(model_file.parent))
+    return shared
+
+
+def release_freed_memory() -> None:
+    """Give the heap the merge's temporaries left back to the system (glibc keeps freed memory in its arenas:
+    measured on SmolLM2 int8, 2.2 GB resident after a few swaps without this, 1.4 GB with it); a no-op where the C
+    library has no malloc_trim."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+_SAFETENSORS_DTYPES = {"F16": np.float16, "F32": np.float32}
+
+
+def map_weights(path: Path) -> dict[str, np.ndarray]:
+    """The tensors of merge_on_swap/weights.safetensors as read-only views of the memory-mapped file: pages are
+    read when a merge touches them, and the kernel may drop them again (clean file pages), so the fp16 weights
+    cost no anonymous memory."""
+    from edge_lora.files import SafetensorsHeaderError, read_safetensors_header
+
+    try:
+        header, _ = read_safetensors_header(path)
+    except (SafetensorsHeaderError, OSError) as exc:
+        raise ModelError(f"{path} is not a readable safetensors file ({exc}); re-export the folder.") from None
+    with path.open("rb") as fh:
+        start = 8 + int.from_bytes(fh.read(8), "little")
+    data = np.memmap(path, dtype=np.uint8, mode="r")
+    out = {}
+    for name, info in header.items():
+        dtype = _SAFETENSORS_DTYPES.get(info.get("dtype")) if isinstance(info, dict) else None
+        try:
+            shape = tuple(int(d) for d in info["shape"])
+            begin, end = (int(x) for x in info["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            dtype = None
+        if dtype is None or not 0 <= begin <= end <= len(data) - start \
+                or end - begin != int(np.prod(shape)) * np.dtype(dtype).itemsize:
+            raise ModelError(f"{path}: tensor {name!r} has an unusable dtype, shape or offsets ({info}); "
+                             f"re-export the folder.")
+        out[name] = data[start + begin:start + end].view(dtype).reshape(shape)
+    return out
+
+
 class MergeOnSwap:
     """The branch-free half of a merge-on-swap export: ``start(lora)`` merges in the background, ``ready()`` says
     when :attr:`session` (the merged session) can take over, ``base_session`` runs the plain base."""
@@ -88,24 +165,26 @@ class MergeOnSwap:
     def __init__(self, export_dir: str | Path, weights_dir: str | Path, groups, threads: int = 0,
                  spinning: bool = True):
         import onnx_ir as ir
-        from safetensors.numpy import load_file
 
         from edge_lora.passes.drop_lora import DropLoraBranches
 
         self.groups = list(groups)
         self.threads, self.spinning = threads, spinning
+        self.export_dir = Path(export_dir)
         weights = Path(weights_dir) / WEIGHTS
         if not weights.is_file():
             raise ModelError(f"{weights} does not exist; re-export with export.merge_on_swap = true.")
-        model = ir.load(Path(export_dir) / MODEL_FILE)
+        model = ir.load(self.export_dir / MODEL_FILE)
         DropLoraBranches()(model)
+        self.shared = _share_initializers(model, self.export_dir / MODEL_FILE)
         proto = ir.serde.serialize_model(model)
         del model
         self.plan = _quant_plan(proto)
-        self.graph_bytes = proto.SerializeToString()   # the branch-free graph: every merged session opens it
+        self.graph_bytes = proto.SerializeToString()   # the branch-free graph without its weights (self.shared)
         del proto
-        self.weights = load_file(str(weights))
+        self.weights = map_weights(weights)
         self.base_session = self._session({})
+        release_freed_memory()
         self.session = None
         self.seconds: float | None = None   # how long the last merge took, swap to ready
         self.error: Exception | None = None
@@ -113,16 +192,25 @@ class MergeOnSwap:
         self._generation = 0
 
     def _session(self, initializers: dict):
+        """A session of the branch-free graph on the shared weights, ``initializers`` (the merged projections)
+        in place of theirs."""
         import onnxruntime as ort
 
         opts = session_options(self.threads, self.spinning)
+        # the graph's external references point into model.onnx (see _share_initializers): ORT checks the file
+        # exists in this folder, and reads none of them, every one being supplied here
+        opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(self.export_dir))
         keep = []
+        for name, value in self.shared.items():
+            if name not in initializers:
+                opts.add_initializer(name, value)
         for name, array in initializers.items():
             value = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array))
             opts.add_initializer(name, value)
             keep.append(value)
         session = ort.InferenceSession(self.graph_bytes, opts, providers=["CPUExecutionProvider"])
-        session._edge_lora_keep = keep   # the session reads the initializers' memory: keep it alive with it
+        # the session reads the initializers' memory, shared and merged: keep both alive with it
+        session._edge_lora_keep = (keep, self.shared)
         return session
 
     def start(self, lora: dict | None) -> None:
@@ -150,6 +238,7 @@ class MergeOnSwap:
                 return
             if generation == self._generation:   # a later swap supersedes this merge
                 self.session, self.seconds = session, time.perf_counter() - started
+            release_freed_memory()
 
         self._thread = threading.Thread(target=work, name="edge_lora-merge", daemon=True)
         self._thread.start()

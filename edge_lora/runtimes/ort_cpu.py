@@ -82,6 +82,13 @@ class OrtCpuRunner:
         self.meta = export_meta(self.folder)
         self.task = self.meta.task
         self.is_encoder = self.task in ENCODER_TASKS
+        self.merger = None
+        if self.meta.merge_on_swap and merge_on_swap and self.meta.graph == "fused" and not self.is_encoder:
+            from edge_lora.runtimes.merge_swap import MergeOnSwap
+
+            # first, so that the branch session shares the base's weights with the merger's sessions
+            self.merger = MergeOnSwap(self.folder, self.meta.path("merge_on_swap"), self.meta.lora_groups, threads,
+                                      spinning)
         self.session = self._make_session(threads, spinning)
         self.hot = None
         if self.meta.hotswap:
@@ -97,13 +104,13 @@ class OrtCpuRunner:
                      "precision": precision, "model": str(self.model_path), "mode": self.meta.mode,
                      "task": self.task, "graph": self.meta.graph}
         self.info["vocab_size"], self.info["max_positions"] = model_limits(self.folder)
-        self.merger = None
-        if self.meta.merge_on_swap and merge_on_swap and self.kv_fused():
-            from edge_lora.runtimes.merge_swap import MergeOnSwap
+        if self.merger is not None and not self.kv_fused():
+            self.merger = None
+        if self.merger is not None:
+            from edge_lora.runtimes.merge_swap import release_freed_memory
 
-            self.merger = MergeOnSwap(self.folder, self.meta.path("merge_on_swap"), self.meta.lora_groups, threads,
-                                      spinning)
             self.merger.start(None)
+            release_freed_memory()   # ORT's parse of model.onnx
         self.info["merge_on_swap"] = self.merger is not None
         self.kv = self._shared_kv()
         self.info["kv_cache"] = "shared buffers (IO binding)" if self.kv is not None else "copied per step"
@@ -118,7 +125,9 @@ class OrtCpuRunner:
         return self.folder / MODEL_FILE
 
     def _make_session(self, threads: int, spinning: bool):
-        return load_session(self.folder, threads=threads, spinning=spinning, providers=(self.provider,))
+        shared = self.merger.shared if self.merger is not None else None
+        return load_session(self.folder, threads=threads, spinning=spinning, providers=(self.provider,),
+                            initializers=shared)
 
     # -------------------------------------------------------------------------------- causal LMs
     def prefill(self, ids: list[int]) -> int:

@@ -27,7 +27,8 @@ def session_options(threads: int = 0, spinning: bool = True):
 
 
 def load_session(folder_or_file: str | os.PathLike, threads: int = 0, spinning: bool = True,
-                 providers: tuple[str, ...] = ("CPUExecutionProvider",)):
+                 providers: tuple[str, ...] = ("CPUExecutionProvider",), initializers: dict | None = None):
+    """``initializers``: name → OrtValue used in place of the graph's own (memory shared with other sessions)."""
     import onnxruntime as ort
 
     path = Path(folder_or_file)
@@ -36,7 +37,12 @@ def load_session(folder_or_file: str | os.PathLike, threads: int = 0, spinning: 
     if not path.is_file():
         raise ModelError(f"{path} does not exist; export the model first (python -m edge_lora export ...).")
     try:
-        return ort.InferenceSession(str(path), session_options(threads, spinning), providers=list(providers))
+        opts = session_options(threads, spinning)
+        for name, value in (initializers or {}).items():
+            opts.add_initializer(name, value)
+        session = ort.InferenceSession(str(path), opts, providers=list(providers))
+        session._edge_lora_keep = initializers   # ORT reads their memory: it lives as long as the session
+        return session
     except Exception as exc:   # ORT raises its own exception types for corrupt or unsupported graphs
         raise ModelError(f"ONNX Runtime cannot load {path}: {exc}") from exc
 
