@@ -57,8 +57,20 @@ def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
 def unpack_codes(packed: np.ndarray, bits: int, n: int) -> np.ndarray:
     if bits == 0 or n == 0:
         return np.zeros(0, dtype=np.uint8)
+    if bits == 8:   # little-endian packing of bytes is the bytes themselves
+        return np.array(packed[:n], dtype=np.uint8)
     flat = np.unpackbits(packed, bitorder="little")[: n * bits].reshape(n, bits)
     return (flat << np.arange(bits, dtype=np.uint8)).sum(axis=1).astype(np.uint8)
+
+
+def unpack_rows(packed: np.ndarray, bits: int, rows: int, n: int) -> np.ndarray:
+    """(rows × n) codes from ``rows`` consecutive packed rows of n b-bit codes, each starting on a byte."""
+    width = math.ceil(bits * n / 8)
+    packed = np.asarray(packed, dtype=np.uint8).reshape(rows, width)
+    if bits == 8:
+        return packed[:, :n].copy()
+    planes = np.unpackbits(packed, axis=1, bitorder="little")[:, : n * bits].reshape(rows, n, bits)
+    return (planes << np.arange(bits, dtype=np.uint8)).sum(axis=2, dtype=np.uint8)
 
 
 def groups(d: int, g: int) -> list[slice]:
@@ -89,12 +101,21 @@ class QuantizedRows:
     group_size: int
 
     def dequantize(self) -> np.ndarray:
+        """(r × d) float32; the rows of one width at once (the device expands every row of an adapter it loads:
+        a loop over rows cost most of a swap)."""
         out = np.zeros((len(self.bits), self.d), dtype=np.float32)
-        for i, b in enumerate(self.bits):
+        d, g = self.d, self.group_size
+        for b in np.unique(self.bits):
             if b == 0:
                 continue
-            out[i] = dequantize_row(self.codes[i], self.scales[i], None if self.zeros is None else self.zeros[i],
-                                    int(b), self.group_size)
+            rows = np.flatnonzero(self.bits == b)
+            codes = np.stack([self.codes[i] for i in rows]).astype(np.float32)
+            scale = np.repeat(self.scales[rows].astype(np.float32), g, axis=1)[:, :d]
+            if self.zeros is not None:
+                offset = np.repeat(self.zeros[rows].astype(np.float32), g, axis=1)[:, :d]
+            else:
+                offset = np.float32((1 << (int(b) - 1)) - 1 if b > 1 else 0.5)
+            out[rows] = (codes - offset) * scale
         return out
 
     def payload_bits(self) -> int:
@@ -215,19 +236,26 @@ class QuantizedFactors:
                 parts = {}
                 for part, d in (("B", int(entry["d_out"])), ("A", int(entry["d_in"]))):
                     row_bits = cur["bits"].take(r).astype(np.uint8).copy()
+                    bad = sorted(set(row_bits.tolist()) - set(ROW_BITS))
+                    if bad:
+                        raise AdapterError(f"{where}: module {name} has a {bad[0]}-bit row; the file is corrupt.")
                     n_groups = math.ceil(d / g)
+                    live = row_bits > 0
+                    widths = [math.ceil(int(b) * d / 8) for b in row_bits]
+                    packed = cur["codes"].take(sum(widths))
                     scales = np.zeros((r, n_groups), dtype=np.float16)
-                    zeros = None if symmetric else np.zeros((r, n_groups), dtype=np.uint8)
-                    codes = []
-                    for i, b in enumerate(row_bits):
-                        b = int(b)
-                        if b not in ROW_BITS:
-                            raise AdapterError(f"{where}: module {name} has a {b}-bit row; the file is corrupt.")
-                        codes.append(unpack_codes(cur["codes"].take(math.ceil(b * d / 8)), b, d if b else 0))
-                        if b:
-                            scales[i] = cur["scales"].take(n_groups)
-                            if zeros is not None:
-                                zeros[i] = cur["zeros"].take(n_groups)
+                    scales[live] = cur["scales"].take(int(live.sum()) * n_groups).reshape(-1, n_groups)
+                    zeros = None
+                    if not symmetric:
+                        zeros = np.zeros((r, n_groups), dtype=np.uint8)
+                        zeros[live] = cur["zeros"].take(int(live.sum()) * n_groups).reshape(-1, n_groups)
+                    kinds = set(row_bits[live].tolist())
+                    if len(kinds) == 1 and live.all():   # one width (every uniform-bits file): one unpack
+                        codes = list(unpack_rows(packed, int(row_bits[0]), r, d))
+                    else:
+                        starts = np.concatenate([[0], np.cumsum(widths)]).astype(int)
+                        codes = [unpack_codes(packed[starts[i]:starts[i + 1]], int(b), d if b else 0)
+                                 for i, b in enumerate(row_bits)]
                     parts[part] = QuantizedRows(bits=row_bits, codes=codes, scales=scales, zeros=zeros, d=d,
                                                 group_size=g)
                 bias = cur["bias"].take(int(entry["d_out"])).astype(np.float32) if entry["has_bias"] else None
