@@ -168,15 +168,15 @@ class OrtCpuRunner:
             return "merged"
         return "branches" if self.hot is not None else "graph"
 
-    def _shared_kv(self):
+    def _shared_kv(self, follow=None):
         """Shared KV buffers (edge_lora.runtimes.kv_loop) for the fused graph, with the active adapter's tensors
-        bound; None for other graphs."""
+        bound; None for other graphs. ``follow``: reuse its buffers (a swap; the next prefill starts over)."""
         from edge_lora.runtimes.kv_loop import SharedKV, is_fused
 
         if self.is_encoder or not is_fused(self.session):
             return None
         lora = self.hot.lora_feeds("active" if "active" in self.hot.adapters else None) if self.hot else None
-        return SharedKV(self.session, 256, 1, lora, max_length=self.info["max_positions"])
+        return SharedKV(self.session, 256, 1, lora, max_length=self.info["max_positions"], follow=follow)
 
     # -------------------------------------------------------------------------------- encoders
     def encode(self, batch: list[list[int]]) -> None:
@@ -198,7 +198,7 @@ class OrtCpuRunner:
         if self.lm is not None:
             self.lm.run_options = self.active_run_options()
             self.lm.lora = self.hot.lora_feeds("active" if "active" in self.hot.adapters else None)
-            self.kv = self._shared_kv()
+            self.kv = self._shared_kv(follow=self.kv)
             if self.merger is not None:
                 self.merger.start(self.lm.lora or None)
 
