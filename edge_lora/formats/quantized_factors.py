@@ -94,7 +94,7 @@ class QuantizedRows:
     """An (r × d) matrix quantized row by row; row i has its own bit width (0 = dropped)."""
 
     bits: np.ndarray          # (r,) uint8
-    codes: list[np.ndarray]   # per row, unpacked uint8 codes (length d), empty for 0-bit rows
+    codes: list[np.ndarray]   # per row, unpacked uint8 codes (length d), empty for 0-bit rows (or r × d)
     scales: np.ndarray        # (r, n_groups) float16
     zeros: np.ndarray | None  # (r, n_groups) uint8 code of zero, asymmetric only
     d: int
@@ -103,20 +103,24 @@ class QuantizedRows:
     def dequantize(self) -> np.ndarray:
         """(r × d) float32; the rows of one width at once (the device expands every row of an adapter it loads:
         a loop over rows cost most of a swap)."""
+        if isinstance(self.codes, np.ndarray) and len(self.bits) and (self.bits == self.bits[0]).all() \
+                and self.bits[0]:   # one width, codes as one matrix (as from_arrays reads a uniform file)
+            return self._expand(self.codes, self.scales, self.zeros, int(self.bits[0]))
         out = np.zeros((len(self.bits), self.d), dtype=np.float32)
-        d, g = self.d, self.group_size
-        for b in np.unique(self.bits):
-            if b == 0:
-                continue
+        for b in set(self.bits.tolist()) - {0}:
             rows = np.flatnonzero(self.bits == b)
-            codes = np.stack([self.codes[i] for i in rows]).astype(np.float32)
-            scale = np.repeat(self.scales[rows].astype(np.float32), g, axis=1)[:, :d]
-            if self.zeros is not None:
-                offset = np.repeat(self.zeros[rows].astype(np.float32), g, axis=1)[:, :d]
-            else:
-                offset = np.float32((1 << (int(b) - 1)) - 1 if b > 1 else 0.5)
-            out[rows] = (codes - offset) * scale
+            out[rows] = self._expand(np.stack([self.codes[i] for i in rows]), self.scales[rows],
+                                     None if self.zeros is None else self.zeros[rows], b)
         return out
+
+    def _expand(self, codes, scales, zeros, bits: int) -> np.ndarray:
+        d, g = self.d, self.group_size
+        scale = np.repeat(scales.astype(np.float32), g, axis=1)[:, :d]
+        if zeros is not None:
+            offset = np.repeat(zeros.astype(np.float32), g, axis=1)[:, :d]
+        else:
+            offset = np.float32((1 << (bits - 1)) - 1 if bits > 1 else 0.5)
+        return (codes.astype(np.float32) - offset) * scale
 
     def payload_bits(self) -> int:
         n_groups = self.scales.shape[1]
@@ -251,7 +255,7 @@ class QuantizedFactors:
                         zeros[live] = cur["zeros"].take(int(live.sum()) * n_groups).reshape(-1, n_groups)
                     kinds = set(row_bits[live].tolist())
                     if len(kinds) == 1 and live.all():   # one width (every uniform-bits file): one unpack
-                        codes = list(unpack_rows(packed, int(row_bits[0]), r, d))
+                        codes = unpack_rows(packed, int(row_bits[0]), r, d)
                     else:
                         starts = np.concatenate([[0], np.cumsum(widths)]).astype(int)
                         codes = [unpack_codes(packed[starts[i]:starts[i + 1]], int(b), d if b else 0)
