@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from edge_lora.adapter import Adapter, LoraModule
 from edge_lora.errors import AdapterError, BudgetError
 from edge_lora.stages.canonicalize import canonicalize, relative_error
+from edge_lora.formats.quantized_factors import unpack_rows
 from edge_lora.stages.quantize_factors import (
     BitBudgetError,
     FactorQuantConfig,
@@ -62,6 +63,14 @@ def test_packing_roundtrip_is_bit_exact(bits, n, seed):
     packed = pack_codes(codes, bits)
     assert len(packed) == math.ceil(n * bits / 8)
     np.testing.assert_array_equal(unpack_codes(packed, bits, n), codes)
+
+
+@settings(max_examples=50, deadline=None)
+@given(bits=st.integers(1, 8), rows=st.integers(1, 6), n=st.integers(1, 100), seed=st.integers(0, 1000))
+def test_unpacking_rows_at_once_equals_row_by_row(bits, rows, n, seed):
+    codes = np.random.default_rng(seed).integers(0, 1 << bits, (rows, n)).astype(np.uint8)
+    packed = np.concatenate([pack_codes(c, bits) for c in codes])
+    np.testing.assert_array_equal(unpack_rows(packed, bits, rows, n), codes)
 
 
 @pytest.mark.parametrize("avg_bits", [2.5, 3.0, 4.5])
