@@ -126,6 +126,20 @@ def release_freed_memory() -> None:
         pass
 
 
+def drop_pages(weights: dict[str, np.ndarray]) -> None:
+    """Tell the kernel the merge is done with the memory-mapped fp16 weights (they stay in the page cache, so the
+    next merge reads them back cheaply, but no longer count as this process's memory)."""
+    import mmap
+
+    views = iter(weights.values())
+    base = next(views, None)
+    while base is not None and not isinstance(base, np.memmap):
+        base = base.base
+    handle = getattr(base, "_mmap", None)
+    if handle is not None and hasattr(mmap, "MADV_DONTNEED"):
+        handle.madvise(mmap.MADV_DONTNEED)
+
+
 _SAFETENSORS_DTYPES = {"F16": np.float16, "F32": np.float32}
 
 
@@ -238,6 +252,7 @@ class MergeOnSwap:
                 return
             if generation == self._generation:   # a later swap supersedes this merge
                 self.session, self.seconds = session, time.perf_counter() - started
+            drop_pages(self.weights)
             release_freed_memory()
 
         self._thread = threading.Thread(target=work, name="edge_lora-merge", daemon=True)
