@@ -83,6 +83,11 @@ def merged_initializers(weights: dict[str, np.ndarray], lora: dict[str, np.ndarr
     return out
 
 
+# what OrtValue.ortvalue_from_numpy takes
+_ORT_VALUE_DTYPES = {np.dtype(t) for t in (np.float32, np.float16, np.float64, np.int8, np.uint8, np.int16,
+                                           np.uint16, np.int32, np.uint32, np.int64, np.uint64, np.bool_)}
+
+
 def _share_initializers(model, model_file: Path) -> dict:
     """Move the weights of ``model`` (onnx_ir, modified in place) into OrtValues that every session of it shares
     (``SessionOptions.add_initializer``: ORT uses the caller's memory instead of a copy of its own), so the base
@@ -102,11 +107,14 @@ def _share_initializers(model, model_file: Path) -> dict:
         tensor = value.const_value
         if tensor is None or tensor.nbytes < 1024 or tensor.nbytes > limit:
             continue
+        array = tensor.numpy()
+        if array.dtype not in _ORT_VALUE_DTYPES:   # int4 tables (GatherBlockQuantized) are ml_dtypes arrays
+            continue
         # ORT's constant folding reads the graph's own copy of a node whose inputs are all constant (a tied
         # head's Transpose of the embedding, measured: it read the placeholder): such initializers stay
         if any(all(i is None or i.name in initializers for i in node.inputs) for node, _ in value.uses()):
             continue
-        shared[name] = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(tensor.numpy()))
+        shared[name] = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array))
         value.const_value = ir.ExternalTensor(model_file.name, 0, tensor.nbytes, tensor.dtype, shape=tensor.shape,
                                               name=name, base_dir=str(model_file.parent))
     return shared
