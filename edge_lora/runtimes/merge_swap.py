@@ -93,8 +93,8 @@ def _share_initializers(model, model_file: Path) -> dict:
     (``SessionOptions.add_initializer``: ORT uses the caller's memory instead of a copy of its own), so the base
     session and each merged one hold the base once, plus their own pre-packed MatMulNBits weights.
 
-    Each moved initializer becomes an external-data reference into ``model_file`` of its own size: a placeholder
-    that ORT checks (the file exists beside the graph and holds that many bytes) and never reads, since an
+    Each moved initializer becomes an external-data reference into ``model_file`` of its own size (within the
+    file): a placeholder that ORT validates (the file must exist beside the graph) and never reads, since an
     initializer given with add_initializer replaces the one in the graph. Small ones (shape inputs), those that
     only meet other constants, and any larger than the file stay in the graph."""
     import onnx_ir as ir
