@@ -73,11 +73,11 @@ def graph_arrays(factors: Mapping[str, tuple[np.ndarray, np.ndarray]], groups: S
         r0, c0 = 0, 0
         for m, r, d in zip(group.modules, ranks, d_out):
             if r:
-                a, b = graph_factors(*factors[m])
-                if a.shape[0] != int(group.d_in) or b.shape[1] != d:
-                    raise CompatibilityError(f"adapter module {m} is {b.shape[1]}×{a.shape[0]}, the export's branch "
+                B, A = factors[m]   # graph_factors' layout, written in place (a swap lays out every module)
+                if A.shape[1] != int(group.d_in) or B.shape[0] != d:
+                    raise CompatibilityError(f"adapter module {m} is {B.shape[0]}×{A.shape[1]}, the export's branch "
                                              f"expects {d}×{group.d_in}; the adapter is for another base.")
-                a_cat[:, r0:r0 + r], b_bd[r0:r0 + r, c0:c0 + d] = a, b
+                a_cat[:, r0:r0 + r], b_bd[r0:r0 + r, c0:c0 + d] = A.T, B.T
             r0, c0 = r0 + r, c0 + d
         arrays[group.inputs[0]], arrays[group.inputs[1]] = a_cat, b_bd
     return arrays

@@ -144,8 +144,10 @@ class ModuleCodes:
     def factors(self) -> tuple[np.ndarray, np.ndarray]:
         """(B: d_out × k, A: k × d_in) float32 over the live components, with ΔW = B·A (scale folded in)."""
         live = self.B_rows.bits > 0
-        return (np.ascontiguousarray(self.B_rows.dequantize()[live].T),
-                np.ascontiguousarray(self.A_rows.dequantize()[live]))
+        b_rows, a_rows = self.B_rows.dequantize(), self.A_rows.dequantize()
+        if not live.all():
+            b_rows, a_rows = b_rows[live], a_rows[live]
+        return np.ascontiguousarray(b_rows.T), np.ascontiguousarray(a_rows)
 
     def payload_bits(self) -> int:
         bias = self.bias.size * 16 if self.bias is not None else 0
