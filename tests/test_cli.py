@@ -111,8 +111,8 @@ def test_bad_merge_compute_dtype_is_a_config_error(tiny, tmp_path):
 def test_missing_calibration_text_names_the_file(tiny, tmp_path, capsys):
     base, adapter = tiny
     missing = tmp_path / "no-such-text.txt"
-    out = run_main(capsys, "compress", adapter, "--out", tmp_path / "out", "--calibrate", with_tokenizer(base, tmp_path / "b"),
-                  "--calibration-text", missing)
+    out = run_main(capsys, "compress", adapter, "--out", tmp_path / "out",
+                   "--calibrate", with_tokenizer(base, tmp_path / "b"), "--calibration-text", missing)
     assert_clean_error(out, f"--calibration-text {missing}", "no such file")
     assert not (tmp_path / "out").exists()
 
@@ -218,7 +218,7 @@ def test_compress_out_is_refused_unless_force_and_written_whole(tiny, tmp_path, 
                                                      "spectra.png"]
     # a run that fails (here: a budget no fit meets) leaves no folder behind, not half of one
     missed = run_main(capsys, "compress", adapter, "--out", tmp_path / "missed", "--budget", "0.001", "--structure",
-                     "tucker2", "--max-rank", "1")
+                      "tucker2", "--max-rank", "1")
     assert_clean_error(missed, "budget", code=3)
     assert not (tmp_path / "missed").exists() and [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
@@ -257,8 +257,8 @@ def test_compress_with_no_flags_allocates_by_output_error(tiny, tmp_path, capsys
     base, adapter = tiny
     text = tmp_path / "calib.txt"
     text.write_text("\n".join(" ".join(f"w{(7 * i + j) % 120}" for j in range(30)) for i in range(8)) + "\n")
-    out = run_main(capsys, "compress", adapter, "--out", tmp_path / "c", "--calibrate", with_tokenizer(base, tmp_path / "b"),
-                  "--calibration-text", text, "--json")
+    out = run_main(capsys, "compress", adapter, "--out", tmp_path / "c",
+                   "--calibrate", with_tokenizer(base, tmp_path / "b"), "--calibration-text", text, "--json")
     assert out.returncode == 0, out.stderr[-3000:]
     report = json.loads(out.stdout)
     assert report["stage"] == "allocate"
@@ -289,8 +289,9 @@ def test_compress_recover_distils_the_scales_and_reports_it(tiny, tmp_path, caps
     base, adapter = tiny
     text = tmp_path / "calib.txt"
     text.write_text("\n".join(" ".join(f"w{(7 * i + j) % 120}" for j in range(60)) for i in range(24)) + "\n")
-    out = run_main(capsys, "compress", adapter, "--out", tmp_path / "c", "--calibrate", with_tokenizer(base, tmp_path / "b"),
-                  "--calibration-text", text, "--target-error", "0.3", "--recover", "5")
+    out = run_main(capsys, "compress", adapter, "--out", tmp_path / "c",
+                   "--calibrate", with_tokenizer(base, tmp_path / "b"), "--calibration-text", text,
+                   "--target-error", "0.3", "--recover", "5")
     assert out.returncode == 0, out.stderr[-3000:]
     recovered = json.loads((tmp_path / "c" / "report.json").read_text())["recover"]
     assert recovered["metrics"]["steps"] == 5
@@ -306,14 +307,14 @@ def test_compress_complete_measures_on_the_adapters_own_answers(tiny, tmp_path, 
     base = with_tokenizer(base, tmp_path / "b")
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(" ".join(f"w{(5 * i + j) % 120}" for j in range(12)) for i in range(40)) + "\n")
-    out = run_main(capsys, "compress", adapter, "--out", tmp_path / "c", "--calibrate", base, "--calibration-text", prompts,
-                  "--complete", "4")
+    out = run_main(capsys, "compress", adapter, "--out", tmp_path / "c", "--calibrate", base,
+                   "--calibration-text", prompts, "--complete", "4")
     assert out.returncode == 0, out.stderr[-3000:]
     report = json.loads((tmp_path / "c" / "report.json").read_text())
     assert "completed by the adapter (≤ 4 tokens)" in report["metrics"]["calibration"]
     assert report["metrics"]["calibration_tokens"] > 40 * 12   # 12 one-token words a prompt: the answers count too
     out = run_main(capsys, "compress", adapter, "--out", tmp_path / "r", "--calibrate", base, "--recover", "2",
-                  "--recover-text", prompts, "--complete", "4")
+                   "--recover-text", prompts, "--complete", "4")
     assert out.returncode == 0, out.stderr[-3000:]
     report = json.loads((tmp_path / "r" / "report.json").read_text())
     assert report["metrics"]["calibration"].startswith("built-in")   # the allocation kept the built-in text

@@ -38,7 +38,7 @@ import numpy as np
 from edge_lora.errors import AdapterError
 
 FORMAT = "edge_lora.quantized_factors/2"
-# 1 bit is sign × scale (symmetric only): codes 0/1 stand for ∓scale/2, the offset of dequantize_row.
+# 1 bit is sign × scale (symmetric only): codes 0/1 stand for ∓scale/2, the offset of dequantize_rows.
 SUPPORTED_BITS = (1, 2, 3, 4, 8)
 ROW_BITS = (0,) + SUPPORTED_BITS
 SCALE_BITS = 16
@@ -57,17 +57,14 @@ def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
 def unpack_codes(packed: np.ndarray, bits: int, n: int) -> np.ndarray:
     if bits == 0 or n == 0:
         return np.zeros(0, dtype=np.uint8)
-    if bits == 8:   # little-endian packing of bytes is the bytes themselves
-        return np.array(packed[:n], dtype=np.uint8)
-    flat = np.unpackbits(packed, bitorder="little")[: n * bits].reshape(n, bits)
-    return (flat << np.arange(bits, dtype=np.uint8)).sum(axis=1).astype(np.uint8)
+    return unpack_rows(np.asarray(packed)[: math.ceil(bits * n / 8)], bits, 1, n)[0]
 
 
 def unpack_rows(packed: np.ndarray, bits: int, rows: int, n: int) -> np.ndarray:
     """(rows × n) codes from ``rows`` consecutive packed rows of n b-bit codes, each starting on a byte."""
     width = math.ceil(bits * n / 8)
     packed = np.asarray(packed, dtype=np.uint8).reshape(rows, width)
-    if bits == 8:
+    if bits == 8:   # little-endian packing of bytes is the bytes themselves
         return packed[:, :n].copy()
     planes = np.unpackbits(packed, axis=1, bitorder="little")[:, : n * bits].reshape(rows, n, bits)
     return (planes << np.arange(bits, dtype=np.uint8)).sum(axis=2, dtype=np.uint8)
@@ -77,15 +74,22 @@ def groups(d: int, g: int) -> list[slice]:
     return [slice(s, min(s + g, d)) for s in range(0, d, g)]
 
 
-def dequantize_row(codes, scales, zeros, bits: int, g: int) -> np.ndarray:
-    # one vector op per row, not per group: the device expands every row of an adapter when it loads one
-    d = len(codes)
-    scale = np.repeat(np.asarray(scales, dtype=np.float32)[: -(-d // g)], g)[:d]
+def dequantize_rows(codes, scales, zeros, bits: int, g: int) -> np.ndarray:
+    """(rows × d) float32 from (rows × d) codes of one width and their (rows × groups) scales / zero points: one
+    vector op for them all, not one per row or group (the device expands every row of an adapter it loads)."""
+    d = codes.shape[1]
+    groups_used = -(-d // g)
+    scale = np.repeat(np.asarray(scales, dtype=np.float32)[:, :groups_used], g, axis=1)[:, :d]
     if zeros is not None:
-        offset = np.repeat(np.asarray(zeros, dtype=np.float32)[: -(-d // g)], g)[:d]
+        offset = np.repeat(np.asarray(zeros, dtype=np.float32)[:, :groups_used], g, axis=1)[:, :d]
     else:
         offset = np.float32((1 << (bits - 1)) - 1 if bits > 1 else 0.5)
-    return ((codes.astype(np.float32) - offset) * scale).astype(np.float32)
+    return (codes.astype(np.float32) - offset) * scale
+
+
+def dequantize_row(codes, scales, zeros, bits: int, g: int) -> np.ndarray:
+    return dequantize_rows(np.asarray(codes)[None], np.asarray(scales)[None],
+                           None if zeros is None else np.asarray(zeros)[None], bits, g)[0]
 
 
 # ---------------------------------------------------------------------------------------------- records
@@ -101,26 +105,17 @@ class QuantizedRows:
     group_size: int
 
     def dequantize(self) -> np.ndarray:
-        """(r × d) float32; the rows of one width at once (the device expands every row of an adapter it loads:
-        a loop over rows cost most of a swap)."""
+        """(r × d) float32, the rows of one width at once."""
+        g = self.group_size
         if isinstance(self.codes, np.ndarray) and len(self.bits) and (self.bits == self.bits[0]).all() \
                 and self.bits[0]:   # one width, codes as one matrix (as from_arrays reads a uniform file)
-            return self._expand(self.codes, self.scales, self.zeros, int(self.bits[0]))
+            return dequantize_rows(self.codes, self.scales, self.zeros, int(self.bits[0]), g)
         out = np.zeros((len(self.bits), self.d), dtype=np.float32)
         for b in set(self.bits.tolist()) - {0}:
             rows = np.flatnonzero(self.bits == b)
-            out[rows] = self._expand(np.stack([self.codes[i] for i in rows]), self.scales[rows],
-                                     None if self.zeros is None else self.zeros[rows], b)
+            out[rows] = dequantize_rows(np.stack([self.codes[i] for i in rows]), self.scales[rows],
+                                        None if self.zeros is None else self.zeros[rows], b, g)
         return out
-
-    def _expand(self, codes, scales, zeros, bits: int) -> np.ndarray:
-        d, g = self.d, self.group_size
-        scale = np.repeat(scales.astype(np.float32), g, axis=1)[:, :d]
-        if zeros is not None:
-            offset = np.repeat(zeros.astype(np.float32), g, axis=1)[:, :d]
-        else:
-            offset = np.float32((1 << (bits - 1)) - 1 if bits > 1 else 0.5)
-        return (codes.astype(np.float32) - offset) * scale
 
     def payload_bits(self) -> int:
         n_groups = self.scales.shape[1]
@@ -255,8 +250,7 @@ class QuantizedFactors:
                     if not symmetric:
                         zeros = np.zeros((r, n_groups), dtype=np.uint8)
                         zeros[live] = cur["zeros"].take(int(live.sum()) * n_groups).reshape(-1, n_groups)
-                    kinds = set(row_bits[live].tolist())
-                    if len(kinds) == 1 and live.all():   # one width (every uniform-bits file): one unpack
+                    if live.all() and (row_bits == row_bits[0]).all():   # one width (uniform files): one unpack
                         codes = unpack_rows(packed, int(row_bits[0]), r, d)
                     else:
                         starts = np.concatenate([[0], np.cumsum(widths)]).astype(int)

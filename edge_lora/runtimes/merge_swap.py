@@ -135,27 +135,22 @@ def release_freed_memory() -> None:
         pass
 
 
-def drop_pages(weights: dict[str, np.ndarray]) -> None:
+def drop_pages(mapped: np.memmap) -> None:
     """Tell the kernel the merge is done with the memory-mapped fp16 weights (they stay in the page cache, so the
     next merge reads them back cheaply, but no longer count as this process's memory)."""
     import mmap
 
-    views = iter(weights.values())
-    base = next(views, None)
-    while base is not None and not isinstance(base, np.memmap):
-        base = base.base
-    handle = getattr(base, "_mmap", None)
-    if handle is not None and hasattr(mmap, "MADV_DONTNEED"):
-        handle.madvise(mmap.MADV_DONTNEED)
+    if hasattr(mmap, "MADV_DONTNEED") and getattr(mapped, "_mmap", None) is not None:
+        mapped._mmap.madvise(mmap.MADV_DONTNEED)
 
 
 _SAFETENSORS_DTYPES = {"F16": np.float16, "F32": np.float32}
 
 
-def map_weights(path: Path) -> dict[str, np.ndarray]:
-    """The tensors of merge_on_swap/weights.safetensors as read-only views of the memory-mapped file: pages are
-    read when a merge touches them, and the kernel may drop them again (clean file pages), so the fp16 weights
-    cost no anonymous memory."""
+def map_weights(path: Path) -> tuple[dict[str, np.ndarray], np.memmap]:
+    """The tensors of merge_on_swap/weights.safetensors as read-only views of the memory-mapped file (returned
+    too, for drop_pages): pages are read when a merge touches them, and the kernel may drop them again (clean file
+    pages), so the fp16 weights cost no anonymous memory."""
     from edge_lora.files import SafetensorsHeaderError, read_safetensors_header
 
     try:
@@ -178,7 +173,7 @@ def map_weights(path: Path) -> dict[str, np.ndarray]:
             raise ModelError(f"{path}: tensor {name!r} has an unusable dtype, shape or offsets ({info}); "
                              f"re-export the folder.")
         out[name] = data[start + begin:start + end].view(dtype).reshape(shape)
-    return out
+    return out, data
 
 
 class MergeOnSwap:
@@ -205,7 +200,7 @@ class MergeOnSwap:
         self.plan = _quant_plan(proto)
         self.graph_bytes = proto.SerializeToString()   # the branch-free graph without its weights (self.shared)
         del proto
-        self.weights = map_weights(weights)
+        self.weights, self._mapped = map_weights(weights)
         self.base_session = self._session({})
         release_freed_memory()
         self.session = None
@@ -261,7 +256,7 @@ class MergeOnSwap:
                 return
             if generation == self._generation:   # a later swap supersedes this merge
                 self.session, self.seconds = session, time.perf_counter() - started
-            drop_pages(self.weights)
+            drop_pages(self._mapped)
             release_freed_memory()
 
         self._thread = threading.Thread(target=work, name="edge_lora-merge", daemon=True)
