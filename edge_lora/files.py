@@ -71,11 +71,15 @@ def temp_folder_beside(out: str | os.PathLike) -> Path:
         raise EdgeLoraError(f"cannot write the output {out}: its folder {out.parent} cannot be created "
                             f"({exc.strerror or exc}); choose an --out inside a folder you can write.") from None
     stale = re.compile(rf"\.{re.escape(out.name)}\.(tmp|old)-(\d+)(-.*)?")
-    for p in out.parent.iterdir():
-        m = stale.fullmatch(p.name)
-        if m and int(m.group(2)) != os.getpid() and not _alive(int(m.group(2))):
-            _remove(p)
-    return Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
+    try:
+        for p in out.parent.iterdir():
+            m = stale.fullmatch(p.name)
+            if m and int(m.group(2)) != os.getpid() and not _alive(int(m.group(2))):
+                _remove(p)
+        return Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
+    except OSError as exc:   # a read-only or full file system, a folder this user cannot write
+        raise EdgeLoraError(f"cannot write the output {out}: no folder can be created in {out.parent} "
+                            f"({exc.strerror or exc}); free space there or choose another --out.") from None
 
 
 @contextmanager

@@ -523,6 +523,15 @@ CASES = {
                                                                               "gives r = 8"),
     "bad-target-modules": dict(config=lambda c: c.update(target_modules=5), match="target_modules must be"),
     "trailing-bytes": dict(extra=b"\0" * 8, match="bytes after the last tensor"),
+    # configs PEFT refuses or reads differently (tests/test_peft_config.py loads each in PEFT)
+    "config-targets-fewer-modules": dict(config=lambda c: c.update(target_modules=["q_proj"]),
+                                         match="do not select it; PEFT would drop them"),
+    "config-init-rewrites-the-base": dict(config=lambda c: c.update(init_lora_weights="pissa"),
+                                          match="init_lora_weights is 'pissa'"),
+    "config-lora-bias-without-tensors": dict(config=lambda c: c.update(lora_bias=True), match="lacks a lora_B.bias"),
+    "config-modules-to-save": dict(config=lambda c: c.update(modules_to_save=["lm_head"]),
+                                   match="modules_to_save is"),
+    "config-unknown-key-switched-on": dict(config=lambda c: c.update(frobnicate=3), match="frobnicate is 3"),
 }
 
 
@@ -546,6 +555,20 @@ def test_adapters_peft_would_read_differently_are_refused_by_packager_and_device
     monkeypatch.setattr(package, "_check_adapter", lambda payload, base_path: {})
     build_package(bad, **kw)
     refused(root_v1, tmp_path / "p.elpkg", ota.pub, AdapterPayloadError, match, tmp_path)
+
+
+def test_peft_errors_while_building_the_torch_logits_probe_are_clean_errors(ota, tmp_path, monkeypatch):
+    """Were tracebacks: an adapter PEFT itself refuses (here an unknown bias mode, past a bypassed strict reader)
+    while the packager builds the torch-logits probe."""
+    from edge_lora.stages import package
+    from edge_lora.stages.package import build_package
+
+    bad = _tamper(ota.a2, tmp_path, config=lambda c: c.update(bias="bogus"))
+    monkeypatch.setattr(package, "_check_adapter", lambda payload, base_path: {})
+    with pytest.raises(PackageError, match="PEFT cannot load the adapter .*NotImplementedError"):
+        build_package(bad, key=ota.priv, version=2, base=ota.base, base_hash=ota.base_hash,
+                      out=tmp_path / "p.elpkg", probes=("torch-logits",))
+    assert not (tmp_path / "p.elpkg").exists()
 
 
 def test_an_adapter_that_does_not_fit_the_devices_base_is_refused(ota, tmp_path, monkeypatch):

@@ -92,3 +92,33 @@ def test_a_read_only_root_is_a_clean_error(ota, small_disk):   # noqa: F811
         assert check_installed(root, "tiny-ota") == 2 and list_installed(root)[0]["status"] == "ok"
     finally:
         subprocess.run(["mount", "-o", "remount,rw", str(small_disk)], capture_output=True)
+
+
+@pytest.mark.parametrize("state", ["full", "read-only"])
+def test_writers_onto_a_full_or_read_only_disk_are_clean_errors(ota, small_disk, capsys, state):   # noqa: F811
+    """package, keygen and export with --out on a disk that is full or read-only: exit code 2 and one error line
+    (each was a traceback), nothing left behind."""
+    from edge_lora.cli import main
+
+    if state == "full":
+        _fill(small_disk, 0)
+    else:
+        out = subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], capture_output=True, text=True)
+        if out.returncode != 0:
+            pytest.skip(f"cannot remount the tmpfs read-only ({out.stderr.strip()})")
+    before = sorted(p.name for p in small_disk.iterdir())
+    try:
+        commands = {
+            "package": ["package", ota.a1, "--key", ota.priv_path, "--version", "1", "--base", ota.base,
+                        "--probe", "factors", "--out", small_disk / "p.elpkg"],
+            "keygen": ["keygen", "--out", small_disk / "k"],
+            "export": ["export", "--base", ota.base, "--adapter", ota.a1, "--out", small_disk / "e", "--quiet"],
+        }
+        for verb, args in commands.items():
+            capsys.readouterr()
+            code = main([str(a) for a in args])
+            err = capsys.readouterr().err
+            assert code == 2 and "Traceback" not in err and "error" in err.lower(), (verb, err[-1500:])
+            assert sorted(p.name for p in small_disk.iterdir()) == before, (verb, "left files behind")
+    finally:
+        subprocess.run(["mount", "-o", "remount,rw", str(small_disk)], capture_output=True)

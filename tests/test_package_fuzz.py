@@ -165,7 +165,8 @@ def _adapter_files():
     tensors = {"base_model.model.layers.0.q.lora_A.weight": np.arange(8, dtype=np.float32).reshape(2, 4) / 10,
                "base_model.model.layers.0.q.lora_B.weight": np.ones((3, 2), dtype=np.float32),
                "base_model.model.layers.0.q.lora_B.bias": np.zeros(3, dtype=np.float16)}
-    config = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q"]}
+    config = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q"],
+              "lora_bias": True}
     return save(tensors), json.dumps(config).encode()
 
 

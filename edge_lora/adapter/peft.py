@@ -24,26 +24,17 @@ import torch
 
 from edge_lora.files import atomic_folder
 from edge_lora.errors import AdapterError, CompatibilityError
+from edge_lora.formats.peft_config import check_lora_config, check_modules
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
 
-# PEFT features that change what the saved tensors mean. Importing such an adapter as plain LoRA would give
-# silently wrong outputs, so each is refused with the reason.
-_UNSUPPORTED = {
-    "use_dora": "DoRA adds a learned magnitude vector per module; it is not a low-rank update and cannot be "
-                "canonicalized, compressed, quantized or hot-swapped as one (the merged export profiles, e.g. "
-                "cpu-fp32 or cpu-int4, merge it exactly)",
-    "target_parameters": "LoRA on raw nn.Parameters (MoE experts) is not supported yet",
-    "layer_replication": "layer replication changes the base model's layer layout",
-    "alora_invocation_tokens": "activated LoRA (aLoRA) switches on at invocation tokens; export supports "
-                               "always-on LoRA only",
-    "trainable_token_indices": "trainable tokens are a sparse embedding update, not LoRA",
-    "use_qalora": "QA-LoRA pools inputs group-wise before lora_A",
-    "use_bdlora": "block-diagonal LoRA factors are not plain A/B matrices",
-    "arrow_config": "Arrow routing mixes several adapters per token",
-}
+# DoRA adds a learned magnitude vector per module; the other features that change what the tensors mean are
+# refused by check_lora_config (edge_lora.formats.peft_config.UNSUPPORTED).
+DORA_UNSUPPORTED = ("DoRA adds a learned magnitude vector per module; it is not a low-rank update and cannot be "
+                    "canonicalized, compressed, quantized or hot-swapped as one (the merged export profiles, e.g. "
+                    "cpu-fp32 or cpu-int4, merge it exactly)")
 
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A\.weight|lora_B\.weight|lora_B\.bias|"
                        r"lora_embedding_A|lora_embedding_B)$")
@@ -155,18 +146,13 @@ def _read_config(folder: Path, allow_dora: bool = False) -> dict:
         raise AdapterError(f"{path} is not valid JSON ({exc}); restore it from the training run.") from exc
     if not isinstance(config, dict):
         raise AdapterError(f"{path} must hold a JSON object, not {type(config).__name__}.")
-    peft_type = str(config.get("peft_type", "")).upper()
-    if peft_type != "LORA":
+    if str(config.get("peft_type", "")).upper() != "LORA":
         raise AdapterError(f"{path}: peft_type is {config.get('peft_type')!r}; edge_lora imports LoRA adapters "
                            "(peft_type 'LORA') only.")
-    for key, why in _UNSUPPORTED.items():
-        if config.get(key) and not (key == "use_dora" and allow_dora):
-            raise AdapterError(f"{path}: '{key}' is set ({config[key]!r}), and {why}. Retrain without it, or "
-                               "merge it in PEFT and use the merged model as the base.")
-    for key in ("r", "lora_alpha"):
-        value = config.get(key, 8)
-        if not isinstance(value, (int, float)) or value <= 0:
-            raise AdapterError(f"{path}: '{key}' must be a positive number, got {value!r}.")
+    if config.get("use_dora") and not allow_dora:
+        raise AdapterError(f"{path}: 'use_dora' is set, and {DORA_UNSUPPORTED}. Retrain without it, or merge it in "
+                           "PEFT and use the merged model as the base.")
+    check_lora_config(config, str(path), AdapterError)
     return config
 
 
@@ -221,7 +207,7 @@ def load_peft(path: str | os.PathLike, allow_dora: bool = False) -> Adapter:
         if "lora_magnitude_vector" in key:
             if not (allow_dora and config.get("use_dora")) or not key.endswith(".lora_magnitude_vector"):
                 raise AdapterError(f"{folder / WEIGHTS_NAME}: tensor {key!r} is a DoRA magnitude; "
-                                   f"{_UNSUPPORTED['use_dora']}.")
+                                   f"{DORA_UNSUPPORTED}.")
             parts.setdefault(key.removesuffix(".lora_magnitude_vector"), {})["magnitude"] = tensor
             continue
         match = _LORA_KEY.match(key)
@@ -232,6 +218,7 @@ def load_peft(path: str | os.PathLike, allow_dora: bool = False) -> Adapter:
             # modules_to_save, bias="all"/"lora_only" biases, and PEFT's copy of a LoRA'd embedding
             extra[key.replace(".base_layer.", ".")] = tensor.float()
 
+    check_modules(config, {name: set(p) for name, p in parts.items()}, str(folder / WEIGHTS_NAME), AdapterError)
     modules: dict[str, LoraModule] = {}
     for name, p in sorted(parts.items()):
         embedding = "lora_embedding_A" in p or "lora_embedding_B" in p

@@ -6,7 +6,10 @@ safetensors, PEFT and this project would all read it the same way.
 Refused (each with the tensor or key named): a safetensors header with duplicate names, an unknown dtype, shapes
 whose byte count differs from the offsets, overlapping, gapped or trailing data; tensors without PEFT's
 ``base_model.model.`` prefix, an A without its B; a config that is not LoRA, a rank ``r`` (or ``rank_pattern``)
-that the tensors contradict, unusable ``target_modules``; NaN/Inf values; and, given the base's weight shapes, a
+that the tensors contradict, unusable ``target_modules``, and whatever PEFT refuses or reads differently
+(``edge_lora.formats.peft_config``: tensors of modules the config does not target, lora_bias or DoRA tensors the
+config contradicts, initialisations that rewrite the base, unknown keys that are switched on, modules_to_save);
+NaN/Inf values; and, given the base's weight shapes, a
 module the base lacks or whose shape does not fit. numpy and json only: the device runs it without torch.
 """
 
@@ -19,6 +22,7 @@ import re
 import numpy as np
 
 from edge_lora.errors import CompatibilityError
+from edge_lora.formats.peft_config import check_lora_config, check_modules
 from edge_lora.ota.errors import BaseMismatchError, PackageError
 
 CONFIG_NAME = "adapter_config.json"
@@ -27,7 +31,8 @@ PEFT_PREFIX = "base_model.model."
 # safetensors' dtypes and their sizes in bytes (what the format defines; anything else is refused)
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4,
                "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
-LORA_SUFFIXES = (".lora_A.weight", ".lora_B.weight", ".lora_B.bias", ".lora_embedding_A", ".lora_embedding_B")
+LORA_SUFFIXES = (".lora_A.weight", ".lora_B.weight", ".lora_B.bias", ".lora_embedding_A", ".lora_embedding_B",
+                 ".lora_magnitude_vector")
 
 
 class AdapterPayloadError(PackageError):
@@ -108,32 +113,11 @@ def _config(data: bytes) -> dict:
         config = json.loads(data)
     except (ValueError, UnicodeDecodeError) as exc:
         raise AdapterPayloadError(f"{CONFIG_NAME} is not valid JSON ({exc}).") from None
-    if not isinstance(config, dict) or str(config.get("peft_type", "")).upper() != "LORA":
-        raise AdapterPayloadError(f"{CONFIG_NAME}: peft_type must be 'LORA'.")
-    r = config.get("r", 8)
-    if type(r) is not int or r < 1:
-        raise AdapterPayloadError(f"{CONFIG_NAME}: r must be a positive integer, not {r!r}.")
-    alpha = config.get("lora_alpha", 8)
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
-        raise AdapterPayloadError(f"{CONFIG_NAME}: lora_alpha must be a positive number, not {alpha!r}.")
-    targets = config.get("target_modules")
-    if not ((isinstance(targets, str) and targets) or
-            (isinstance(targets, list) and targets and all(isinstance(t, str) and t for t in targets))):
-        raise AdapterPayloadError(f"{CONFIG_NAME}: target_modules must be a module name pattern or a non-empty "
-                                  f"list of names, not {targets!r}.")
-    for key in ("rank_pattern", "alpha_pattern"):
-        value = config.get(key) or {}
-        if not isinstance(value, dict):
-            raise AdapterPayloadError(f"{CONFIG_NAME}: {key} must be an object, not {value!r}.")
-        for pat in value:
-            try:
-                re.compile(pat)
-            except re.error as exc:
-                raise AdapterPayloadError(f"{CONFIG_NAME}: {key} key {pat!r} is not a valid pattern ({exc}).") \
-                    from None
-    for k, v in (config.get("rank_pattern") or {}).items():
-        if type(v) is not int or v < 1:
-            raise AdapterPayloadError(f"{CONFIG_NAME}: rank_pattern[{k!r}] must be a positive integer, not {v!r}.")
+    check_lora_config(config, CONFIG_NAME, AdapterPayloadError)
+    if config.get("modules_to_save"):
+        raise AdapterPayloadError(f"{CONFIG_NAME}: modules_to_save is {config['modules_to_save']!r}: whole copies of "
+                                  "base modules, which no device probe checks and the LoRA inputs cannot carry. Ship "
+                                  "a merged export instead, or retrain without modules_to_save.")
     return config
 
 
@@ -165,6 +149,8 @@ def check_adapter(files: dict[str, bytes], base_shapes: dict[str, tuple] | None 
         suffix = next((s for s in LORA_SUFFIXES if key.endswith(s)), None)
         if suffix is not None:
             modules.setdefault(key[len(PEFT_PREFIX):-len(suffix)], {})[suffix] = shape
+    check_modules(config, {name: {s[1:].replace("lora_magnitude_vector", "magnitude") for s in parts}
+                           for name, parts in modules.items()}, WEIGHTS_NAME, AdapterPayloadError)
     rp = config.get("rank_pattern") or {}
     for name, parts in sorted(modules.items()):
         emb = ".lora_embedding_A" in parts or ".lora_embedding_B" in parts

@@ -42,6 +42,7 @@ def keygen(out_dir: str | os.PathLike, force: bool = False) -> tuple[Path, Path]
 
     out = Path(out_dir)
     priv_path, pub_path = out / PRIVATE_NAME, out / PUBLIC_NAME
+    created = [p for p in (out, *out.parents) if not p.exists()]   # removed again if no pair gets written
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -75,11 +76,15 @@ def keygen(out_dir: str | os.PathLike, force: bool = False) -> tuple[Path, Path]
         os.replace(temps[1], pub_path)
         temps.clear()
     except OSError as exc:
-        raise PackageError(f"keygen --out {out}: writing the key pair failed ({exc.strerror or exc}); the old "
-                           "pair, if any, is unchanged.") from exc
-    finally:
         for t in temps:
             t.unlink(missing_ok=True)
+        for folder in created:   # innermost first
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        raise PackageError(f"keygen --out {out}: writing the key pair failed ({exc.strerror or exc}); the old "
+                           "pair, if any, is unchanged.") from exc
     return priv_path, pub_path
 
 

@@ -217,7 +217,14 @@ def build_package(src, key, version: int, base, out, from_package=None, adapter_
                         raise ProbeSkipped("the base is not a causal LM")
                     from edge_lora.base import load_base
 
-                    probe_list.append(build_torch_logits(lambda: load_base(base_path)[0], tmp))
+                    try:
+                        probe_list.append(build_torch_logits(lambda: load_base(base_path)[0], tmp))
+                    except (RuntimeError, ValueError, TypeError, KeyError, AttributeError, IndexError) as exc:
+                        # PEFT's own refusals (NotImplementedError, NoMatchingPeftModuleError, shape errors)
+                        raise PackageError(f"{src}: PEFT cannot load the adapter onto --base {base} to build the "
+                                           f"torch-logits probe ({type(exc).__name__}: {exc}). Check that the "
+                                           "adapter was trained on this base, or package with --probe factors "
+                                           "to skip this probe.") from exc
                     checks["adapter_changes_output_max_abs"] = probe_list[-1]["adapter_effect_max_abs"]
                     if probe_list[-1]["adapter_effect_max_abs"] == 0.0:
                         raise PackageError(f"{src}: the adapter does not change the base model's output at all "
