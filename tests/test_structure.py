@@ -145,8 +145,8 @@ def test_the_verb_list_is_literal_and_complete():
     from edge_lora.cli import VERBS, build_parser
 
     names = [name for name, _ in VERBS]
-    assert names == ["inspect", "models", "export", "validate", "compress", "keygen", "package", "verify",
-                     "install", "list", "rollback", "profile"]
+    assert names == ["inspect", "models", "export", "validate", "compress", "compress-many", "keygen", "package",
+                     "verify", "install", "list", "rollback", "profile"]
     sub = next(a for a in build_parser()._actions if a.dest == "command")
     assert list(sub.choices) == names
 
@@ -165,7 +165,7 @@ def test_shipped_profiles_are_there():
         available_profiles())
 
 
-STAGE_MODULES = ("canonicalize", "compress", "quantize_factors", "merge", "export_onnx", "quantize_base",
+STAGE_MODULES = ("canonicalize", "compress", "compress_many", "quantize_factors", "merge", "export_onnx", "quantize_base",
                  "validate", "profile", "package")
 
 

@@ -24,6 +24,7 @@ VERBS = (
     ("export", export.add_export),
     ("validate", export.add_validate),
     ("compress", adapters.add_compress),
+    ("compress-many", adapters.add_compress_many),
     ("keygen", ota.add_keygen),
     ("package", ota.add_package),
     ("verify", ota.add_verify),

@@ -199,3 +199,43 @@ def _print_done(args, done, quantized: bool) -> int:
     peft = (f"; PEFT expansion{' (dequantized)' if quantized else ''} in {done.as_peft}" if done.as_peft else "")
     print(f"wrote {done.out}/{done.files[0]}" + "".join(f", {f}" for f in done.files[1:]) + peft)
     return 0
+
+
+def add_compress_many(sub, name: str) -> None:
+    p = sub.add_parser(
+        name,
+        help="compress several adapters of one base together: shared bases per module, a small core per adapter",
+        description="Per module across the adapters (ranks and target modules may differ): an output basis U and an "
+                    "input basis V shared by all, from their canonical factors (never ΔW), and a core C_i per "
+                    "adapter, ΔW_i ≈ U·C_i·Vᵀ; the rank of each module is the smallest that keeps every adapter "
+                    "within --budget. Writes DIR/basis.safetensors, DIR/cores/NAME.safetensors (each bound to the "
+                    "basis by its sha256) and DIR/many.json, with each adapter's error and bytes beside N adapters "
+                    "truncated one at a time. With --onto: project new adapters onto an existing DIR's bases (the "
+                    "cores already shipped stay valid) and report what that loses against fitting again. Exit 3 "
+                    "when --core-rank keeps an adapter above the budget.",
+    )
+    p.add_argument("adapters", nargs="+", metavar="ADAPTER",
+                   help="PEFT LoRA folders of one base; each is named by its folder name")
+    p.add_argument("--out", required=True, help="output folder; must not exist unless --force")
+    p.add_argument("--budget", type=float, default=0.2,
+                   help="relative Frobenius error ‖ΔW − U·C·Vᵀ‖/‖ΔW‖ allowed for every module of every adapter "
+                        "(default 0.2)")
+    p.add_argument("--core-rank", type=int, default=None, metavar="R", help="upper bound on each module's rank")
+    p.add_argument("--onto", metavar="DIR", help="a compress-many folder whose bases the ADAPTERs are projected onto")
+    p.add_argument("--dtype", choices=("float16", "float32"), default="float16")
+    p.add_argument("--force", action="store_true", help="replace an existing --out folder")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=_compress_many)
+
+
+def _compress_many(args) -> int:
+    from edge_lora.stages.compress_many import compress_many_folders
+
+    report = compress_many_folders(args.adapters, args.out, budget=args.budget, core_rank=args.core_rank,
+                                   onto=args.onto, dtype=args.dtype, force=args.force)
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(report["markdown"])
+    print(f"wrote {args.out}")
+    return 0

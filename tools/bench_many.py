@@ -1,0 +1,233 @@
+"""Many adapters on one base: shared bases (compress-many) against each adapter compressed alone and against PCA of
+the raw factors (the vlora / lorashare approach), at the same budgets, scored by task retention through ONNX Runtime.
+
+    python tools/bench_many.py [--budgets 0.2,0.35] [--examples 200] [--work ~/.cache/edge_lora/bench/many]
+
+For each budget:
+1. ``compress_many`` over all the adapters (module scope: every module of every adapter within the budget);
+2. the same adapters truncated one at a time to the same budget (``separate_truncation``);
+3. raw-factor PCA with the rank per module whose total parameters match the shared bases' (same bytes);
+each adapter of each method is written as the ONNX Runtime adapter file of one fp32 hot-swap export of SmolLM2
+(fused graph, LoRA factors as inputs with dynamic ranks) and scored by exact match on its task's held-out split
+(the first N examples of seed 0). Retention = (score − base) / (original − base), the original scored on the
+same session and examples. Bytes are fp16 (2 bytes per stored parameter); the PEFT baseline is the adapters' fp16
+size. Writes the "## Many adapters" section of BENCHMARKS.md and WORK/results.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tools"))
+from benchmarks_md import write_section  # noqa: E402
+
+ADAPTERS = ("add-r16", "add-r16-s1", "count-r16", "reverse-r16", "reverse-r16-s1", "roman-r16", "roman-r16-attn",
+            "roman-r64", "vote-r16", "date-iso-r16")
+TRAIN = {"add-r16-s1": "--task add --seed 1 --name add-r16-s1", "reverse-r16-s1": "--task reverse --seed 1 --name "
+         "reverse-r16-s1", "roman-r16-attn": "--task roman --targets attention", "roman-r64": "--task roman --rank 64",
+         "date-iso-r16": ""}
+
+
+def log(text: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {text}", flush=True)
+
+
+def adapter_dir(name: str) -> Path:
+    return Path.home() / ".cache" / "edge_lora" / "adapters" / name
+
+
+def base_export(work: Path) -> Path:
+    from edge_lora.adapter import load_peft
+    from edge_lora.base import load_base
+    from edge_lora.config import ExportConfig
+    from edge_lora.files import atomic_folder
+    from edge_lora.stages.export_onnx import export_hotswap
+
+    out = work / "hotswap-fused-fp32"
+    if not (out / "edge_lora.json").is_file():
+        log("export the fp32 fused hot-swap base (once)")
+        model, tokenizer = load_base("smollm2")
+        with atomic_folder(out) as tmp:
+            export_hotswap(model, tokenizer, load_peft(adapter_dir(ADAPTERS[0])), tmp,
+                           ExportConfig(mode="hotswap", graph="fused"))
+    return out
+
+
+class Scorer:
+    """One hot-swap session; ``score(name, adapter)`` writes the adapter file, loads it, returns exact match."""
+
+    def __init__(self, export: Path, work: Path, n: int):
+        from edge_lora.base import load_base
+        from edge_lora.formats.export_meta import ExportMeta
+        from edge_lora.runtimes.hotswap import HotswapSession
+
+        self.meta = ExportMeta.read(export)
+        self.hot = HotswapSession(export, threads=2, spinning=False)
+        self.tokenizer = load_base("smollm2")[1]
+        self.work, self.n = work, n
+
+    def score(self, task_name: str, adapter) -> float:
+        from edge_lora import eval as scorer
+        from edge_lora import tasks as suite
+        from edge_lora.runtimes.ort_generate import OrtCausalLM
+        from edge_lora.stages.export_onnx import write_ort_adapter
+
+        path = self.work / "scored.onnx_adapter"
+        write_ort_adapter(adapter, path, self.meta)
+        self.hot.load_adapter("x", path)
+        try:
+            lm = OrtCausalLM(self.hot.session, self.tokenizer, lora=self.hot.lora_feeds("x"))
+            examples = suite.make_examples(task_name, self.n, seed=0, split="test")
+            return scorer.score(lm.generate_fn(suite.task(task_name).max_new_tokens), examples, 50)["exact_match"]
+        finally:
+            self.hot.unload_adapter("x")
+
+
+def pca_rank_for(adapters: dict, target_params: int) -> int:
+    """The raw-factor PCA rank per module whose stored parameters come closest to ``target_params`` from below."""
+    from edge_lora.stages.compress_many import raw_factor_pca
+
+    lo, hi = 1, max(sum(a.modules[m].rank for a in adapters.values() if m in a.modules)
+                    for m in next(iter(adapters.values())).modules)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if raw_factor_pca(adapters, mid)[1] <= target_params:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def run(names, budgets, n_examples: int, work: Path) -> dict:
+    import torch
+
+    from edge_lora.adapter import load_peft
+    from edge_lora.stages.compress_many import (ManyConfig, compress_many, peft_fp16_bytes, raw_factor_pca,
+                                                relative_error, separate_truncation)
+
+    torch.set_num_threads(2)
+    work.mkdir(parents=True, exist_ok=True)
+    adapters = {n: load_peft(adapter_dir(n)) for n in names}
+    info = {n: json.loads((adapter_dir(n) / "metrics.json").read_text()) for n in names}
+    task_of = {n: info[n].get("task", "date-iso") for n in names}
+    scorer = Scorer(base_export(work), work, n_examples)
+    cache_file = work / f"results-{n_examples}.json"
+    results = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
+    results.setdefault("original", {})
+    results["examples"] = n_examples
+    results["peft_fp16_bytes"] = {n: peft_fp16_bytes(a) for n, a in adapters.items()}
+
+    def save():
+        cache_file.write_text(json.dumps(results, indent=1) + "\n")
+
+    for n in names:
+        if n not in results["original"]:
+            results["original"][n] = {"exact_match": scorer.score(task_of[n], adapters[n]),
+                                      "base_exact_match": info[n]["base_exact_match"]}
+            log(f"original {n}: {results['original'][n]['exact_match']:.3f}")
+            save()
+
+    def retention(n, em):
+        o, b = results["original"][n]["exact_match"], results["original"][n]["base_exact_match"]
+        return (em - b) / (o - b)
+
+    for budget in budgets:
+        key = f"{budget:g}"
+        if key in results.get("points", {}):
+            continue
+        t = time.perf_counter()
+        shared, report = compress_many(adapters, ManyConfig(budget=budget))
+        fit_s = time.perf_counter() - t
+        m = report.metrics
+        point = {"fit_s": fit_s, "shared_bytes": m["total_bytes"], "basis_bytes": m["basis_bytes"],
+                 "rank_median": m["rank_median"], "rank_max": m["rank_max"], "methods": {}}
+        separate = separate_truncation(adapters, budget)
+        rank = pca_rank_for(adapters, m["total_bytes"] // 2)
+        pca, pca_params = raw_factor_pca(adapters, rank)
+        made = {"shared bases": ({n: shared.adapter(n) for n in names}, m["total_bytes"]),
+                "each alone": (separate, 2 * sum(a.params for a in separate.values())),
+                f"raw-factor PCA (rank {rank})": (pca, 2 * pca_params)}
+        for method, (ads, total) in made.items():
+            rows = {}
+            for n in names:
+                em = scorer.score(task_of[n], ads[n])
+                rows[n] = {"exact_match": em, "retention": retention(n, em),
+                           "error": relative_error(adapters[n], ads[n])}
+                log(f"budget {key} {method:24s} {n:16s} retention {rows[n]['retention']:.3f} "
+                    f"(error {rows[n]['error']:.3f})")
+            point["methods"][method] = {"total_bytes": total, "adapters": rows}
+        results.setdefault("points", {})[key] = point
+        save()
+    return results
+
+
+def render(results: dict, command: str, names) -> str:
+    fp16 = sum(results["peft_fp16_bytes"][n] for n in names)
+    lines = [f"Command: `{command}` ({results['created']}, {results['seconds'] / 60:.0f} min)", "",
+             f"{len(names)} trained adapters of SmolLM2-135M-Instruct ({', '.join(names)}): five tasks, two of them "
+             "trained twice (seed 1: other data, other initialisation), ranks 16 and 64, all projections or attention "
+             f"only; {fp16 / 1e6:.1f} MB as fp16 PEFT files. Each method at the same weight-space budget "
+             "(every module of every adapter within it: relative Frobenius error of ΔW); raw-factor PCA at the "
+             "rank whose bytes match the shared bases'. Retention through ONNX Runtime (one fp32 fused hot-swap "
+             f"export), {results['examples']} held-out examples per task, against the original on the same session. "
+             "Bytes: fp16, 2 per stored parameter.", "",
+             "| budget | method | total MB | × smaller than fp16 PEFT | median retention | worst retention (adapter) "
+             "| median ΔW error |", "|---|---|---:|---:|---:|---|---:|"]
+    for key, point in results["points"].items():
+        for method, row in point["methods"].items():
+            rets = {n: r["retention"] for n, r in row["adapters"].items()}
+            worst = min(rets, key=rets.get)
+            lines.append(f"| {key} | {method} | {row['total_bytes'] / 1e6:.2f} | {fp16 / row['total_bytes']:.1f} | "
+                         f"{statistics.median(rets.values()):.3f} | {rets[worst]:.3f} ({worst}) | "
+                         f"{statistics.median(r['error'] for r in row['adapters'].values()):.3f} |")
+    lines += ["", "Shared bases per budget: " + "; ".join(
+        f"{k}: basis {p['basis_bytes'] / 1e6:.2f} MB of {p['shared_bytes'] / 1e6:.2f}, rank median {p['rank_median']} "
+        f"(max {p['rank_max']}), fit {p['fit_s']:.0f} s" for k, p in results["points"].items()) + ".", ""]
+    lines += ["Per adapter (retention: shared bases / each alone / raw-factor PCA):", "",
+              "| adapter | original EM | " + " | ".join(f"budget {k}" for k in results["points"]) + " |",
+              "|---|---:|" + "---|" * len(results["points"])]
+    for n in names:
+        cells = []
+        for point in results["points"].values():
+            cells.append(" / ".join(f"{row['adapters'][n]['retention']:.3f}" for row in point["methods"].values()))
+        lines.append(f"| {n} | {results['original'][n]['exact_match']:.3f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--adapters", default=",".join(ADAPTERS))
+    ap.add_argument("--budgets", default="0.2,0.35")
+    ap.add_argument("--examples", type=int, default=200)
+    ap.add_argument("--work", type=Path, default=Path.home() / ".cache" / "edge_lora" / "bench" / "many")
+    ap.add_argument("--no-write", action="store_true")
+    args = ap.parse_args(argv)
+    names = args.adapters.split(",")
+    missing = [n for n in names if not (adapter_dir(n) / "metrics.json").is_file()]
+    if missing:
+        ap.error("adapters not trained: " + "; ".join(f"{n} (python tools/train_demo_adapter.py "
+                                                      f"{TRAIN.get(n, '--task ' + n.split('-r')[0])})"
+                                                      for n in missing))
+    started = time.time()
+    results = run(names, [float(b) for b in args.budgets.split(",")], args.examples, args.work)
+    results["created"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(started))
+    results["seconds"] = time.time() - started
+    command = "python tools/bench_many.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    body = render(results, command.strip(), names)
+    if args.no_write:
+        print(body)
+    else:
+        write_section("Many adapters", body)
+        log("wrote BENCHMARKS.md ## Many adapters")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
