@@ -191,3 +191,4 @@ def test_cli_fits_projects_and_refuses(tmp_path, capsys):
     assert main(["compress-many", str(folders[0]), str(folders[1]), "--out", str(tmp_path / "x"),
                  "--budget", "0.01", "--core-rank", "1"]) == 3
     assert "reaches at best" in capsys.readouterr().err and not (tmp_path / "x").exists()
+

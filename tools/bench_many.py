@@ -140,40 +140,69 @@ def run(names, budgets, n_examples: int, work: Path) -> dict:
 
     for budget in budgets:
         key = f"{budget:g}"
-        if key in results.get("points", {}):
+        point = results.setdefault("points", {}).setdefault(key, {"methods": {}})
+        wanted = METHODS
+        def done(method):
+            return any(k == method or (method == "raw-factor PCA" and k.startswith(method)) for k in point["methods"])
+
+        if all(done(w) for w in wanted):
             continue
-        t = time.perf_counter()
-        shared, report = compress_many(adapters, ManyConfig(budget=budget))
-        fit_s = time.perf_counter() - t
-        m = report.metrics
-        point = {"fit_s": fit_s, "shared_bytes": m["total_bytes"], "basis_bytes": m["basis_bytes"],
-                 "rank_median": m["rank_median"], "rank_max": m["rank_max"], "methods": {}}
-        separate = separate_truncation(adapters, budget)
-        rank = pca_rank_for(adapters, m["total_bytes"] // 2)
-        pca, pca_params = raw_factor_pca(adapters, rank)
-        made = {"shared bases": ({n: shared.adapter(n) for n in names}, m["total_bytes"]),
-                "each alone": (separate, 2 * sum(a.params for a in separate.values())),
-                f"raw-factor PCA (rank {rank})": (pca, 2 * pca_params)}
-        for method, (ads, total) in made.items():
+        fitted = {}
+
+        def fit():
+            if not fitted:
+                t = time.perf_counter()
+                fitted["shared"], report = compress_many(adapters, ManyConfig(budget=budget))
+                m = report.metrics
+                point.update(fit_s=time.perf_counter() - t, shared_bytes=m["total_bytes"],
+                             basis_bytes=m["basis_bytes"], rank_median=m["rank_median"], rank_max=m["rank_max"])
+            return fitted["shared"]
+
+        def made(method):
+            if method == "shared bases":
+                return {n: fit().adapter(n) for n in names}, point["shared_bytes"]
+            if method == "each alone":
+                alone = separate_truncation(adapters, budget)
+                return alone, 2 * sum(a.params for a in alone.values())
+            rank = pca_rank_for(adapters, point["shared_bytes"] // 2)
+            pca, pca_params = raw_factor_pca(adapters, rank)
+            point["pca_rank"] = rank
+            return pca, 2 * pca_params
+
+        for method in wanted:
+            label = method
+            if done(method):
+                continue
+            ads, total = made(method)
+            if method == "raw-factor PCA":
+                label = f"raw-factor PCA (rank {point['pca_rank']})"
             rows = {}
             for n in names:
                 em = scorer.score(task_of[n], ads[n])
                 rows[n] = {"exact_match": em, "retention": retention(n, em),
                            "error": relative_error(adapters[n], ads[n])}
-                log(f"budget {key} {method:24s} {n:16s} retention {rows[n]['retention']:.3f} "
+                log(f"budget {key} {label:32s} {n:16s} retention {rows[n]['retention']:.3f} "
                     f"(error {rows[n]['error']:.3f})")
-            point["methods"][method] = {"total_bytes": total, "adapters": rows}
-        results.setdefault("points", {})[key] = point
-        save()
+            point["methods"][label] = {"total_bytes": total, "adapters": rows}
+            save()
     return results
+
+
+METHODS = ("shared bases", "each alone", "raw-factor PCA")
+
+
+def _ordered(methods: dict) -> list[tuple[str, dict]]:
+    return sorted(methods.items(), key=lambda kv: next(i for i, m in enumerate(METHODS)
+                                                       if kv[0] == m or (i == 2 and kv[0].startswith(m))))
 
 
 def render(results: dict, command: str, names) -> str:
     fp16 = sum(results["peft_fp16_bytes"][n] for n in names)
     lines = [f"Command: `{command}` ({results['created']}, {results['seconds'] / 60:.0f} min)", "",
-             f"{len(names)} trained adapters of SmolLM2-135M-Instruct ({', '.join(names)}): five tasks, two of them "
-             "trained twice (seed 1: other data, other initialisation), ranks 16 and 64, all projections or attention "
-             f"only; {fp16 / 1e6:.1f} MB as fp16 PEFT files. Each method at the same weight-space budget "
+             f"{len(names)} trained adapters of SmolLM2-135M-Instruct ({', '.join(names)})"
+             + (": six tasks, two of them trained twice (seed 1: other data, other initialisation), ranks 16 and 64, "
+                "all projections or attention only" if tuple(names) == ADAPTERS else "")
+             + f"; {fp16 / 1e6:.1f} MB as fp16 PEFT files. Each method at the same weight-space budget "
              "(every module of every adapter within it: relative Frobenius error of ΔW); raw-factor PCA at the "
              "rank whose bytes match the shared bases'. Retention through ONNX Runtime (one fp32 fused hot-swap "
              f"export), {results['examples']} held-out examples per task, against the original on the same session. "
@@ -181,22 +210,41 @@ def render(results: dict, command: str, names) -> str:
              "| budget | method | total MB | × smaller than fp16 PEFT | median retention | worst retention (adapter) "
              "| median ΔW error |", "|---|---|---:|---:|---:|---|---:|"]
     for key, point in results["points"].items():
-        for method, row in point["methods"].items():
+        for method, row in _ordered(point["methods"]):
             rets = {n: r["retention"] for n, r in row["adapters"].items()}
             worst = min(rets, key=rets.get)
             lines.append(f"| {key} | {method} | {row['total_bytes'] / 1e6:.2f} | {fp16 / row['total_bytes']:.1f} | "
                          f"{statistics.median(rets.values()):.3f} | {rets[worst]:.3f} ({worst}) | "
                          f"{statistics.median(r['error'] for r in row['adapters'].values()):.3f} |")
     lines += ["", "Shared bases per budget: " + "; ".join(
-        f"{k}: basis {p['basis_bytes'] / 1e6:.2f} MB of {p['shared_bytes'] / 1e6:.2f}, rank median {p['rank_median']} "
-        f"(max {p['rank_max']}), fit {p['fit_s']:.0f} s" for k, p in results["points"].items()) + ".", ""]
-    lines += ["Per adapter (retention: shared bases / each alone / raw-factor PCA):", "",
+        f"{k}: basis {p['basis_bytes'] / 1e6:.2f} MB of {p['shared_bytes'] / 1e6:.2f}, module rank median "
+        f"{p['rank_median']} (max {p['rank_max']}), fit {p['fit_s']:.0f} s" for k, p in results["points"].items())
+        + ".", ""]
+    rows = [(k, m, row) for k, p in results["points"].items() for m, row in _ordered(p["methods"])]
+
+    def worst(row):
+        return min(r["retention"] for r in row["adapters"].values())
+
+    lines.append("At about the same total bytes (each shared-bases point against the other methods' point closest in "
+                 "bytes), worst / median retention:")
+    lines.append("")
+    for k, m, row in rows:
+        if m != "shared bases":
+            continue
+        for other in ("each alone", "raw-factor PCA"):
+            k2, m2, r2 = min(((k2, m2, r2) for k2, m2, r2 in rows if m2.startswith(other)),
+                             key=lambda t: abs(t[2]["total_bytes"] - row["total_bytes"]))
+            lines.append(f"- shared bases at {k} ({row['total_bytes'] / 1e6:.1f} MB): {worst(row):.3f} / "
+                         f"{statistics.median(r['retention'] for r in row['adapters'].values()):.3f}; {m2} at {k2} "
+                         f"({r2['total_bytes'] / 1e6:.1f} MB): {worst(r2):.3f} / "
+                         f"{statistics.median(r['retention'] for r in r2['adapters'].values()):.3f}")
+    lines += ["", "Per adapter, retention by method in the order of the first table:", "",
               "| adapter | original EM | " + " | ".join(f"budget {k}" for k in results["points"]) + " |",
               "|---|---:|" + "---|" * len(results["points"])]
     for n in names:
         cells = []
         for point in results["points"].values():
-            cells.append(" / ".join(f"{row['adapters'][n]['retention']:.3f}" for row in point["methods"].values()))
+            cells.append(" / ".join(f"{row['adapters'][n]['retention']:.3f}" for _, row in _ordered(point["methods"])))
         lines.append(f"| {n} | {results['original'][n]['exact_match']:.3f} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -217,8 +265,10 @@ def main(argv=None) -> int:
                                                       for n in missing))
     started = time.time()
     results = run(names, [float(b) for b in args.budgets.split(",")], args.examples, args.work)
-    results["created"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(started))
-    results["seconds"] = time.time() - started
+    # a resumed run adds its time to the first run's
+    results.setdefault("created", time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(started)))
+    results["seconds"] = results.get("seconds", 0) + time.time() - started
+    (args.work / f"results-{args.examples}.json").write_text(json.dumps(results, indent=1) + "\n")
     command = "python tools/bench_many.py " + " ".join(argv if argv is not None else sys.argv[1:])
     body = render(results, command.strip(), names)
     if args.no_write:
