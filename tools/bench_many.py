@@ -30,6 +30,10 @@ from benchmarks_md import write_section  # noqa: E402
 
 ADAPTERS = ("add-r16", "add-r16-s1", "count-r16", "reverse-r16", "reverse-r16-s1", "roman-r16", "roman-r16-attn",
             "roman-r64", "vote-r16", "date-iso-r16")
+# pairs whose shared bases are set beside their separate truncation in weight space (bytes only, no scoring): the
+# same task trained twice (other seed), two tasks, one task at two ranks
+PAIRS = (("add-r16", "add-r16-s1"), ("reverse-r16", "reverse-r16-s1"), ("add-r16", "reverse-r16"),
+         ("roman-r16", "roman-r64"))
 TRAIN = {"add-r16-s1": "--task add --seed 1 --name add-r16-s1", "reverse-r16-s1": "--task reverse --seed 1 --name "
          "reverse-r16-s1", "roman-r16-attn": "--task roman --targets attention", "roman-r64": "--task roman --rank 64",
          "date-iso-r16": ""}
@@ -185,6 +189,15 @@ def run(names, budgets, n_examples: int, work: Path) -> dict:
                     f"(error {rows[n]['error']:.3f})")
             point["methods"][label] = {"total_bytes": total, "adapters": rows}
             save()
+    results["pairs"] = []
+    for pair in PAIRS:
+        if not set(pair) <= set(names):
+            continue
+        for budget in budgets:
+            m = compress_many({n: adapters[n] for n in pair}, ManyConfig(budget=budget))[1].metrics
+            results["pairs"].append({"pair": list(pair), "budget": budget, "shared_bytes": m["total_bytes"],
+                                     "alone_bytes": m["separate_truncation_total_bytes"]})
+    save()
     return results
 
 
@@ -238,6 +251,15 @@ def render(results: dict, command: str, names) -> str:
                          f"{statistics.median(r['retention'] for r in row['adapters'].values()):.3f}; {m2} at {k2} "
                          f"({r2['total_bytes'] / 1e6:.1f} MB): {worst(r2):.3f} / "
                          f"{statistics.median(r['retention'] for r in r2['adapters'].values()):.3f}")
+    if results.get("pairs"):
+        budgets = sorted({p["budget"] for p in results["pairs"]})
+        lines += ["", "Pairs, bytes of the shared bases over the two truncated alone at the same budget (weight space; "
+                  "1.00: the bases hold the sum of the two, nothing is shared):", "",
+                  "| pair | " + " | ".join(f"budget {b:g}" for b in budgets) + " |", "|---|" + "---:|" * len(budgets)]
+        for pair in dict.fromkeys(tuple(p["pair"]) for p in results["pairs"]):
+            cells = [f"{p['shared_bytes'] / p['alone_bytes']:.2f}" for p in sorted(
+                (p for p in results["pairs"] if tuple(p["pair"]) == pair), key=lambda p: p["budget"])]
+            lines.append(f"| {' + '.join(pair)} | " + " | ".join(cells) + " |")
     lines += ["", "Per adapter, retention by method in the order of the first table:", "",
               "| adapter | original EM | " + " | ".join(f"budget {k}" for k in results["points"]) + " |",
               "|---|---:|" + "---|" * len(results["points"])]
