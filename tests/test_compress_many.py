@@ -192,3 +192,19 @@ def test_cli_fits_projects_and_refuses(tmp_path, capsys):
                  "--budget", "0.01", "--core-rank", "1"]) == 3
     assert "reaches at best" in capsys.readouterr().err and not (tmp_path / "x").exists()
 
+
+
+def test_a_damaged_folder_is_a_clean_error(tmp_path):
+    from edge_lora.errors import AdapterError
+
+    adapters = planted(2, noise=0.1)
+    shared, _ = compress_many(adapters, ManyConfig(budget=0.2))
+    shared.save(tmp_path / "set", ManyConfig(budget=0.2))
+    manifest = json.loads((tmp_path / "set" / "many.json").read_text())
+    del manifest["adapters"]["a0"]["core_file"]
+    (tmp_path / "set" / "many.json").write_text(json.dumps(manifest))
+    with pytest.raises(AdapterError, match="damaged compress-many folder"):
+        SharedAdapters.load(tmp_path / "set")
+    (tmp_path / "set" / "cores" / "a1.safetensors").write_bytes(b"\0" * 20)
+    with pytest.raises(AdapterError):
+        SharedAdapters.load(tmp_path / "set")

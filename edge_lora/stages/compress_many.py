@@ -196,10 +196,19 @@ class SharedAdapters:
     @classmethod
     def load(cls, folder: str | os.PathLike) -> "SharedAdapters":
         """Read a folder written by :meth:`save`; a core whose basis hash is not this basis is refused."""
+        from safetensors import SafetensorError
+
+        try:
+            return cls._load(Path(folder))
+        except (KeyError, TypeError, ValueError, AttributeError, SafetensorError, OSError) as exc:
+            raise AdapterError(f"{folder} is a damaged compress-many folder ({type(exc).__name__}: {exc}); write it "
+                               "again with python -m edge_lora compress-many.") from None
+
+    @classmethod
+    def _load(cls, folder: Path) -> "SharedAdapters":
         from safetensors import SafetensorError, safe_open
         from safetensors.torch import load
 
-        folder = Path(folder)
         try:
             manifest = json.loads((folder / MANIFEST).read_text())
             basis_bytes = (folder / BASIS_FILE).read_bytes()
