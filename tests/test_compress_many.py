@@ -124,6 +124,13 @@ def test_save_load_and_a_core_bound_to_another_basis(tmp_path):
     core = tmp_path / "set" / "cores" / "a1.safetensors"
     foreign = tmp_path / "other" / "cores" / "a1.safetensors"
     core.write_bytes(foreign.read_bytes())
+    with pytest.raises(Exception, match="does not match its sha256"):
+        SharedAdapters.load(tmp_path / "set")
+    import hashlib
+
+    manifest = json.loads((tmp_path / "set" / "many.json").read_text())   # the manifest edited to match it
+    manifest["adapters"]["a1"]["sha256"] = hashlib.sha256(core.read_bytes()).hexdigest()
+    (tmp_path / "set" / "many.json").write_text(json.dumps(manifest))
     with pytest.raises(CompatibilityError, match="fitted to another basis"):
         SharedAdapters.load(tmp_path / "set")
     basis = tmp_path / "other" / "basis.safetensors"
@@ -208,3 +215,21 @@ def test_a_damaged_folder_is_a_clean_error(tmp_path):
     (tmp_path / "set" / "cores" / "a1.safetensors").write_bytes(b"\0" * 20)
     with pytest.raises(AdapterError):
         SharedAdapters.load(tmp_path / "set")
+
+
+def test_a_changed_core_and_full_tensors_are_refused(tmp_path):
+    from edge_lora.errors import AdapterError
+
+    adapters = planted(2, noise=0.1)
+    shared, _ = compress_many(adapters, ManyConfig(budget=0.2))
+    shared.save(tmp_path / "set", ManyConfig(budget=0.2))
+    core = tmp_path / "set" / "cores" / "a0.safetensors"
+    data = bytearray(core.read_bytes())
+    data[-1] ^= 1
+    core.write_bytes(bytes(data))
+    with pytest.raises(AdapterError, match="does not match its sha256"):
+        SharedAdapters.load(tmp_path / "set")
+    saved = Adapter(modules=adapters["a0"].modules, config=adapters["a0"].config,
+                    extra_tensors={"lm_head.weight": torch.zeros(2, 2)})
+    with pytest.raises(AdapterError, match="modules_to_save"):
+        compress_many({"a0": saved, "a1": adapters["a1"]})

@@ -36,6 +36,9 @@ REFUSED = {
     "layer-replication": (dict(layer_replication=[[0, 1]]), "layer_replication"),
     "target-parameters": (dict(target_parameters=["q_proj.weight"]), "target_parameters"),
     "unknown-key-switched-on": (dict(frobnicate=3), "frobnicate"),
+    "regex-target-with-layers": (dict(target_modules=r".*_proj", layers_to_transform=[0]), "layers_to_transform"),
+    "layers-pattern-alone": (dict(layers_pattern="layers"), "layers_pattern"),
+    "lower-case-peft-type": (dict(peft_type="lora"), "peft_type"),
 }
 ACCEPTED = {
     "bias-all": dict(bias="all"),
@@ -44,6 +47,9 @@ ACCEPTED = {
     "unknown-key-switched-off": dict(frobnicate=None),
     "both-layers-selected": dict(layers_to_transform=[0, 1]),
     "regex-target": dict(target_modules=r".*\.(q|k|v|o|gate|up|down)_proj"),
+    "eva-init": dict(init_lora_weights="eva"),
+    "upper-case-all-linear": dict(target_modules="ALL-LINEAR"),
+    "empty-exclude": dict(exclude_modules=""),
 }
 
 

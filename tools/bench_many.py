@@ -9,9 +9,9 @@ For each budget:
 3. raw-factor PCA with the rank per module whose total parameters match the shared bases' (same bytes);
 each adapter of each method is written as the ONNX Runtime adapter file of one fp32 hot-swap export of SmolLM2
 (fused graph, LoRA factors as inputs with dynamic ranks) and scored by exact match on its task's held-out split
-(the first N examples of seed 0). Retention = (score − base) / (original − base), the original scored on the
-same session and examples. Bytes are fp16 (2 bytes per stored parameter); the PEFT baseline is the adapters' fp16
-size. Writes the "## Many adapters" section of BENCHMARKS.md and WORK/results.json.
+(the first N examples of seed 0). Retention = (score − base) / (original − base), the original and the base
+(no adapter) scored on the same session and examples. Bytes are fp16 (2 bytes per stored parameter); the PEFT
+baseline is the adapters' fp16 size. Writes the "## Many adapters" section of BENCHMARKS.md and WORK/results.json.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def adapter_dir(name: str) -> Path:
     return Path.home() / ".cache" / "edge_lora" / "adapters" / name
 
 
-def base_export(work: Path) -> Path:
+def base_export(work: Path, any_adapter: str) -> Path:
     from edge_lora.adapter import load_peft
     from edge_lora.base import load_base
     from edge_lora.config import ExportConfig
@@ -59,7 +59,7 @@ def base_export(work: Path) -> Path:
         log("export the fp32 fused hot-swap base (once)")
         model, tokenizer = load_base("smollm2")
         with atomic_folder(out) as tmp:
-            export_hotswap(model, tokenizer, load_peft(adapter_dir(ADAPTERS[0])), tmp,
+            export_hotswap(model, tokenizer, load_peft(adapter_dir(any_adapter)), tmp,
                            ExportConfig(mode="hotswap", graph="fused"))
     return out
 
@@ -76,6 +76,16 @@ class Scorer:
         self.hot = HotswapSession(export, threads=2, spinning=False)
         self.tokenizer = load_base("smollm2")[1]
         self.work, self.n = work, n
+
+    def score_base(self, task_name: str) -> float:
+        """The base alone (the LoRA inputs at their rank-0 defaults) on the same session and examples."""
+        from edge_lora import eval as scorer
+        from edge_lora import tasks as suite
+        from edge_lora.runtimes.ort_generate import OrtCausalLM
+
+        lm = OrtCausalLM(self.hot.session, self.tokenizer)
+        examples = suite.make_examples(task_name, self.n, seed=0, split="test")
+        return scorer.score(lm.generate_fn(suite.task(task_name).max_new_tokens), examples, 50)["exact_match"]
 
     def score(self, task_name: str, adapter) -> float:
         from edge_lora import eval as scorer
@@ -121,9 +131,12 @@ def run(names, budgets, n_examples: int, work: Path) -> dict:
     adapters = {n: load_peft(adapter_dir(n)) for n in names}
     info = {n: json.loads((adapter_dir(n) / "metrics.json").read_text()) for n in names}
     task_of = {n: info[n].get("task", "date-iso") for n in names}
-    scorer = Scorer(base_export(work), work, n_examples)
+    scorer = Scorer(base_export(work, names[0]), work, n_examples)
     cache_file = work / f"results-{n_examples}.json"
     results = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
+    stamps = {n: (adapter_dir(n) / "adapter_model.safetensors").stat().st_mtime_ns for n in names}
+    if results.get("stamps") != stamps:   # another set of adapters, or one retrained: start again
+        results = {"stamps": stamps}
     results.setdefault("original", {})
     results["examples"] = n_examples
     results["peft_fp16_bytes"] = {n: peft_fp16_bytes(a) for n, a in adapters.items()}
@@ -133,14 +146,22 @@ def run(names, budgets, n_examples: int, work: Path) -> dict:
 
     for n in names:
         if n not in results["original"]:
-            results["original"][n] = {"exact_match": scorer.score(task_of[n], adapters[n]),
-                                      "base_exact_match": info[n]["base_exact_match"]}
-            log(f"original {n}: {results['original'][n]['exact_match']:.3f}")
-            save()
+            results["original"][n] = {"exact_match": scorer.score(task_of[n], adapters[n])}
+        if "base_on_session" not in results["original"][n]:
+            results["original"][n]["base_exact_match"] = scorer.score_base(task_of[n])
+            results["original"][n]["base_on_session"] = True
+        log(f"original {n}: {results['original'][n]['exact_match']:.3f}, base "
+            f"{results['original'][n]['base_exact_match']:.3f}")
+        save()
 
     def retention(n, em):
         o, b = results["original"][n]["exact_match"], results["original"][n]["base_exact_match"]
-        return (em - b) / (o - b)
+        return (em - b) / (o - b) if o != b else float("nan")
+
+    for point in results.get("points", {}).values():   # cached rows, against the base scored here
+        for row in point["methods"].values():
+            for n, r in row["adapters"].items():
+                r["retention"] = retention(n, r["exact_match"])
 
     for budget in budgets:
         key = f"{budget:g}"
@@ -218,7 +239,8 @@ def render(results: dict, command: str, names) -> str:
              + f"; {fp16 / 1e6:.1f} MB as fp16 PEFT files. Each method at the same weight-space budget "
              "(every module of every adapter within it: relative Frobenius error of ΔW); raw-factor PCA at the "
              "rank whose bytes match the shared bases'. Retention through ONNX Runtime (one fp32 fused hot-swap "
-             f"export), {results['examples']} held-out examples per task, against the original on the same session. "
+             f"export), {results['examples']} held-out examples per task, against the original and the base on the "
+             "same session and examples. "
              "Bytes: fp16, 2 per stored parameter.", "",
              "| budget | method | total MB | × smaller than fp16 PEFT | median retention | worst retention (adapter) "
              "| median ΔW error |", "|---|---|---:|---:|---:|---|---:|"]

@@ -33,7 +33,7 @@ UNSUPPORTED = {
 TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
 # initialisations that PEFT re-runs when it loads a saved adapter and that rewrite the base weights (PiSSA, OLoRA,
 # CorDA, LoftQ, ...): only these leave the base as it is
-PLAIN_INITS = (True, False, "gaussian", "orthogonal")
+PLAIN_INITS = (True, False, "gaussian", "orthogonal", "eva")   # eva: at load PEFT only zeroes lora_B
 BIASES = ("none", "all", "lora_only")
 # keys PEFT writes that say nothing about the tensors (or only configure an initialisation that is not used)
 INFORMATIONAL = {"peft_type", "peft_version", "base_model_name_or_path", "revision", "auto_mapping", "inference_mode",
@@ -62,7 +62,7 @@ def check_lora_config(config, where: str, error: type[Exception]) -> dict:
     def bad(key, why):
         return error(f"{where}: {key} {why}")
 
-    if not isinstance(config, dict) or str(config.get("peft_type", "")).upper() != "LORA":
+    if not isinstance(config, dict) or config.get("peft_type") != "LORA":   # PEFT's lookup is case-sensitive
         raise error(f"{where}: peft_type must be 'LORA'; edge_lora reads LoRA adapters only.")
     r = config.get("r", 8)
     if type(r) is not int or r < 1:
@@ -74,10 +74,10 @@ def check_lora_config(config, where: str, error: type[Exception]) -> dict:
     if not ((isinstance(targets, str) and targets) or _names(targets)):
         raise bad("target_modules", f"must be a module name pattern or a non-empty list of names, not {targets!r}.")
     excluded = config.get("exclude_modules")
-    if not (excluded is None or (isinstance(excluded, str) and excluded) or _names(excluded) or excluded == []):
+    if not (excluded is None or isinstance(excluded, str) or _names(excluded) or excluded == []):
         raise bad("exclude_modules", f"must be a pattern or a list of names, not {excluded!r}.")
     for key in ("target_modules", "exclude_modules"):
-        if isinstance(config.get(key), str):
+        if isinstance(config.get(key), str) and config[key]:
             _pattern(config[key], key, bad)
     for key in ("rank_pattern", "alpha_pattern"):
         value = config.get(key) or {}
@@ -102,6 +102,7 @@ def check_lora_config(config, where: str, error: type[Exception]) -> dict:
     if task is not None and task not in TASK_TYPES:
         raise bad("task_type", f"is {task!r}; PEFT knows {', '.join(TASK_TYPES)} (or null).")
     init = config.get("init_lora_weights", True)
+    init = init.lower() if isinstance(init, str) else init   # PEFT compares lower-cased
     if not any(init is v or (isinstance(v, str) and init == v) for v in PLAIN_INITS):
         raise bad("init_lora_weights", f"is {init!r}: PEFT re-runs that initialisation when it loads the adapter "
                   "and rewrites the base weights (or does not know it). Convert the adapter to plain LoRA first "
@@ -110,13 +111,28 @@ def check_lora_config(config, where: str, error: type[Exception]) -> dict:
     if not (saved is None or saved == [] or _names(saved)):
         raise bad("modules_to_save", f"must be a list of module names, not {saved!r}.")
     layers = config.get("layers_to_transform")
-    if not (layers is None or layers == [] or (type(layers) is int and layers >= 0)
-            or (isinstance(layers, list) and all(type(i) is int and i >= 0 for i in layers))):
+    if not (layers is None or type(layers) is int or (isinstance(layers, list)
+                                                      and all(type(i) is int for i in layers))):
         raise bad("layers_to_transform", f"must be a layer index or a list of them, not {layers!r}.")
     pattern = config.get("layers_pattern")
     if not (pattern is None or isinstance(pattern, str) or (isinstance(pattern, list)
                                                             and all(isinstance(p, str) for p in pattern))):
         raise bad("layers_pattern", f"must be a name or a list of names, not {pattern!r}.")
+    # cross-field rules of LoraConfig.__post_init__ and the initialisers (PEFT refuses these at load)
+    if isinstance(targets, str) and not (layers is None or layers == []):
+        raise bad("layers_to_transform", "cannot be combined with a regex target_modules (PEFT refuses it).")
+    if pattern and (layers is None or layers == []):
+        raise bad("layers_pattern", "needs layers_to_transform (PEFT refuses it alone).")
+    if isinstance(pattern, str):
+        _pattern(pattern, "layers_pattern", bad)
+    for p in pattern if isinstance(pattern, list) else []:
+        _pattern(p, "layers_pattern", bad)
+    for m in saved or []:
+        _pattern(m, "modules_to_save", bad)
+    if init == "orthogonal" and any(v % 2 for v in [r, *(config.get("rank_pattern") or {}).values()]):
+        raise bad("init_lora_weights", "'orthogonal' needs even ranks (PEFT refuses odd ones at load).")
+    if config.get("lora_bias") and init not in (True, False):
+        raise bad("lora_bias", f"cannot be combined with init_lora_weights {init!r} (PEFT refuses it).")
     for key, why in UNSUPPORTED.items():
         if not _off(config.get(key)):
             raise bad(key, f"is set ({config[key]!r}), and {why}. Retrain without it, or merge it in PEFT and use "
@@ -149,7 +165,8 @@ def targeted(config: dict, module: str) -> bool:
         elif module in excluded or any(module.endswith(f".{e}") for e in excluded):
             return False
     targets = config["target_modules"]
-    if targets == "all-linear":   # PEFT expands it to every Linear but the output layer
+    if isinstance(targets, str) and targets.lower() == "all-linear":
+        # PEFT expands it to every Linear / Conv1D but the output layer (check_modules refuses embeddings)
         return module.rsplit(".", 1)[-1] != "lm_head"
     if isinstance(targets, str):
         return re.fullmatch(targets, module) is not None
@@ -179,7 +196,11 @@ def check_modules(config: dict, modules: dict[str, set[str]], where: str, error:
     """``modules``: module name → the parts its tensors hold ('lora_B.bias', 'magnitude', ...). Refused: a module
     PEFT would not attach a layer to (it drops the tensors), a ``lora_B.bias`` without ``lora_bias`` (dropped) or
     missing with it (PEFT initialises one), DoRA magnitudes that ``use_dora`` contradicts."""
+    all_linear = isinstance(config["target_modules"], str) and config["target_modules"].lower() == "all-linear"
     for name, parts in sorted(modules.items()):
+        if all_linear and "lora_embedding_A" in parts:
+            raise error(f"{where}: module {name!r} is an embedding LoRA, but target_modules 'all-linear' selects "
+                        "Linear layers only; PEFT would drop it.")
         if not targeted(config, name):
             raise error(f"{where}: module {name!r} has LoRA tensors, but target_modules / exclude_modules / "
                         "layers_to_transform do not select it; PEFT would drop them. The config and the weights "

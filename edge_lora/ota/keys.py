@@ -78,6 +78,7 @@ def keygen(out_dir: str | os.PathLike, force: bool = False) -> tuple[Path, Path]
     except OSError as exc:
         for t in temps:
             t.unlink(missing_ok=True)
+        temps.clear()
         for folder in created:   # innermost first
             try:
                 folder.rmdir()
@@ -85,6 +86,9 @@ def keygen(out_dir: str | os.PathLike, force: bool = False) -> tuple[Path, Path]
                 break
         raise PackageError(f"keygen --out {out}: writing the key pair failed ({exc.strerror or exc}); the old "
                            "pair, if any, is unchanged.") from exc
+    finally:   # also on KeyboardInterrupt: no private key left in a temporary file
+        for t in temps:
+            t.unlink(missing_ok=True)
     return priv_path, pub_path
 
 

@@ -30,7 +30,7 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -230,6 +230,9 @@ class SharedAdapters:
         configs, sources = {}, {}
         for name, info in manifest["adapters"].items():
             path = folder / info["core_file"]
+            if hashlib.sha256(path.read_bytes()).hexdigest() != info["sha256"]:
+                raise AdapterError(f"{path} does not match its sha256 in {MANIFEST}; the core was changed or "
+                                   "replaced after it was written.")
             with safe_open(str(path), "pt") as f:
                 meta = f.metadata() or {}
                 if meta.get("basis_sha256") != sha:
@@ -241,7 +244,11 @@ class SharedAdapters:
                 fit = json.loads(meta["fit"])
                 for key in f.keys():
                     mname = key.removesuffix(".C")
-                    modules[mname].cores[name] = f.get_tensor(key).double()
+                    core = f.get_tensor(key).double()
+                    if tuple(core.shape) != (modules[mname].U.shape[1], modules[mname].V.shape[1]):
+                        raise AdapterError(f"{path}: core {key} has shape {list(core.shape)}, the basis of {mname} "
+                                           f"needs {[modules[mname].U.shape[1], modules[mname].V.shape[1]]}.")
+                    modules[mname].cores[name] = core
                     modules[mname].errors[name], modules[mname].energy[name] = fit[mname]
             sources[name] = info.get("source")
         return cls(modules, configs, sources)
@@ -258,6 +265,10 @@ def _svds(adapters: dict[str, Adapter]) -> dict[str, dict[str, tuple]]:
     """name → module → (U, S, V) of the canonical SVD, float64."""
     out = {}
     for name, adapter in adapters.items():
+        if adapter.extra_tensors:
+            raise AdapterError(f"adapter {name!r} carries full tensors besides its LoRA factors (modules_to_save or "
+                               f"bias = 'all', e.g. {next(iter(adapter.extra_tensors))}); compress-many shares LoRA "
+                               "factors only and would drop them. Use a merged export for it.")
         out[name] = {}
         for mname, m in adapter.modules.items():
             if m.kind != "linear" or m.magnitude is not None or m.bias is not None:
@@ -441,11 +452,12 @@ def _metrics(result: SharedAdapters, adapters: dict[str, Adapter], config: ManyC
                "core_bytes": width * result.core_params(n), "peft_fp16_bytes": peft_fp16_bytes(a),
                "separate_truncation_bytes": width * separate[n]} for n, a in adapters.items()}
     basis = width * result.basis_params()
-    total = basis + sum(p["core_bytes"] for p in per.values())
+    total = basis + sum(width * result.core_params(n) for n in result.names)   # every core, originals at hand or not
     originals = sum(p["peft_fp16_bytes"] for p in per.values())
     rs = sorted(r["rank"] for r in ranks.values())
     return {"adapters": per, "basis_bytes": basis, "total_bytes": total, "peft_fp16_total_bytes": originals,
-            "ratio_vs_peft_fp16": originals / total if total else float("inf"),
+            # against the originals only when every one is at hand (after --onto their folders may have moved)
+            "ratio_vs_peft_fp16": originals / total if total and len(per) == len(result.names) else None,
             "separate_truncation_total_bytes": sum(p["separate_truncation_bytes"] for p in per.values()),
             "modules": len(ranks), "rank_median": rs[len(rs) // 2], "rank_max": rs[-1],
             "span_median": sorted(r["span"] for r in ranks.values())[len(rs) // 2]}
@@ -465,9 +477,12 @@ def _named(paths) -> dict[str, Adapter]:
         metrics = folder / "metrics.json"
         if metrics.is_file():
             try:
-                trained_on[name] = json.loads(metrics.read_text()).get("base_sha256")
-            except ValueError:
-                pass
+                info = json.loads(metrics.read_text())
+            except (OSError, ValueError) as exc:
+                raise AdapterError(f"{metrics} cannot be read as JSON ({exc}); fix or remove it.") from None
+            if not isinstance(info, dict):
+                raise AdapterError(f"{metrics} must hold a JSON object; fix or remove it.")
+            trained_on[name] = info.get("base_sha256")
     bases = {v for v in trained_on.values() if v}
     if len(bases) > 1:
         by = {b: [n for n, v in trained_on.items() if v == b] for b in bases}
@@ -482,9 +497,12 @@ def _markdown(shared: SharedAdapters, metrics: dict, extra: list[str]) -> str:
     for n, p in metrics["adapters"].items():
         lines.append(f"| {n} | {p['error']:.3f} | {p['worst_module_error']:.3f} | {p['core_bytes'] / 1e3:.0f} | "
                      f"{p['peft_fp16_bytes'] / 1e3:.0f} | {p['separate_truncation_bytes'] / 1e3:.0f} |")
+    ratio = metrics["ratio_vs_peft_fp16"]
+    against = (f"{ratio:.1f}× smaller than the {len(metrics['adapters'])} fp16 PEFT adapters "
+               f"({metrics['peft_fp16_total_bytes'] / 1e6:.2f} MB)" if ratio is not None else
+               "(some adapters' original folders are not at hand: no ratio to the PEFT files)")
     lines += ["", f"Total {metrics['total_bytes'] / 1e6:.2f} MB (bases {metrics['basis_bytes'] / 1e6:.2f} MB), "
-              f"{metrics['ratio_vs_peft_fp16']:.1f}× smaller than the {len(metrics['adapters'])} fp16 PEFT adapters "
-              f"({metrics['peft_fp16_total_bytes'] / 1e6:.2f} MB); each truncated alone to the same budget: "
+              f"{against}; the adapters at hand truncated alone to the same budget: "
               f"{metrics['separate_truncation_total_bytes'] / 1e6:.2f} MB. Module ranks: median "
               f"{metrics['rank_median']}, max {metrics['rank_max']}.", *extra]
     return "\n".join(lines)
@@ -494,6 +512,11 @@ def compress_many_folders(paths, out, budget: float = 0.2, core_rank: int | None
                           dtype: str = "float16", force: bool = False) -> dict:
     """``python -m edge_lora compress-many``: fit (or, with ``onto``, project onto that folder's bases) and write
     ``out``; returns the report (with a ``markdown`` summary)."""
+    if onto is not None:   # saving the basis in another dtype would change its hash: every shipped core invalid
+        try:
+            dtype = json.loads((Path(onto) / MANIFEST).read_text())["dtype"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise AdapterError(f"{onto} is not a compress-many folder ({exc}).") from None
     config = ManyConfig(budget=budget, core_rank=core_rank, dtype=dtype)
     out = Path(out)
     if out.exists() and not force:
@@ -517,7 +540,7 @@ def compress_many_folders(paths, out, budget: float = 0.2, core_rank: int | None
         metrics = _metrics(shared, {n: everything[n] for n in shared.names if n in everything}, config,
                            {m.name: {"rank": m.rank, "span": m.rank} for m in shared.modules.values()})
         if len(originals) == len(shared.names) - len(new):   # every original at hand: fit again, to compare
-            refit, _ = compress_many(everything, config)
+            refit, _ = compress_many(everything, replace(config, core_rank=None))
             metrics["projected_vs_refit"] = {n: {"projected": shared.error(n), "refit": refit.error(n)} for n in new}
             extra.append("Projected onto the existing bases against fitting all again: " + "; ".join(
                 f"{n}: error {v['projected']:.3f} against {v['refit']:.3f}"

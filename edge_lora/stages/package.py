@@ -220,9 +220,10 @@ def build_package(src, key, version: int, base, out, from_package=None, adapter_
                     try:
                         probe_list.append(build_torch_logits(lambda: load_base(base_path)[0], tmp))
                     except (RuntimeError, ValueError, TypeError, KeyError, AttributeError, IndexError) as exc:
-                        # PEFT's own refusals (NotImplementedError, NoMatchingPeftModuleError, shape errors)
-                        raise PackageError(f"{src}: PEFT cannot load the adapter onto --base {base} to build the "
-                                           f"torch-logits probe ({type(exc).__name__}: {exc}). Check that the "
+                        # PEFT's own refusals (NotImplementedError, NoMatchingPeftModuleError, shape errors),
+                        # and whatever else stops base + adapter from running
+                        raise PackageError(f"{src}: the torch-logits probe could not run the adapter on --base "
+                                           f"{base} ({type(exc).__name__}: {exc}). Check that the "
                                            "adapter was trained on this base, or package with --probe factors "
                                            "to skip this probe.") from exc
                     checks["adapter_changes_output_max_abs"] = probe_list[-1]["adapter_effect_max_abs"]
