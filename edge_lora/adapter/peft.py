@@ -24,7 +24,7 @@ import torch
 
 from edge_lora.files import atomic_folder
 from edge_lora.errors import AdapterError, CompatibilityError
-from edge_lora.formats.peft_config import check_lora_config, check_modules
+from edge_lora.formats.peft_config import check_lora_config, check_modules, pattern_key
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -112,15 +112,6 @@ class Adapter:
 
 
 # ---------------------------------------------------------------------------------------------- config
-def pattern_key(pattern_keys, module_name: str) -> str | None:
-    """PEFT's rule for rank_pattern / alpha_pattern: the first key (a regex) that matches a dotted suffix
-    of the module name, i.e. ``re.match(rf"(.*\\.)?({key})$", name)``."""
-    for key in pattern_keys:
-        if re.match(rf"(.*\.)?({key})$", module_name):
-            return key
-    return None
-
-
 def rank_and_alpha(config: dict, module_name: str) -> tuple[int, float]:
     rank_pattern = config.get("rank_pattern") or {}
     alpha_pattern = config.get("alpha_pattern") or {}
@@ -146,9 +137,6 @@ def _read_config(folder: Path, allow_dora: bool = False) -> dict:
         raise AdapterError(f"{path} is not valid JSON ({exc}); restore it from the training run.") from exc
     if not isinstance(config, dict):
         raise AdapterError(f"{path} must hold a JSON object, not {type(config).__name__}.")
-    if str(config.get("peft_type", "")).upper() != "LORA":
-        raise AdapterError(f"{path}: peft_type is {config.get('peft_type')!r}; edge_lora imports LoRA adapters "
-                           "(peft_type 'LORA') only.")
     if config.get("use_dora") and not allow_dora:
         raise AdapterError(f"{path}: 'use_dora' is set, and {DORA_UNSUPPORTED}. Retrain without it, or merge it in "
                            "PEFT and use the merged model as the base.")

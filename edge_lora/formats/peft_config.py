@@ -63,7 +63,8 @@ def check_lora_config(config, where: str, error: type[Exception]) -> dict:
         return error(f"{where}: {key} {why}")
 
     if not isinstance(config, dict) or config.get("peft_type") != "LORA":   # PEFT's lookup is case-sensitive
-        raise error(f"{where}: peft_type must be 'LORA'; edge_lora reads LoRA adapters only.")
+        raise error(f"{where}: peft_type is {config.get('peft_type') if isinstance(config, dict) else None!r}; it "
+                    "must be 'LORA' (edge_lora reads LoRA adapters only).")
     r = config.get("r", 8)
     if type(r) is not int or r < 1:
         raise bad("r", f"must be a positive integer, not {r!r}.")
@@ -149,6 +150,15 @@ def _pattern(pattern: str, key: str, bad) -> None:
         re.compile(pattern)
     except re.error as exc:
         raise bad(key, f"{pattern!r} is not a valid pattern ({exc}).") from None
+
+
+def pattern_key(keys, module: str) -> str | None:
+    """PEFT's rule for rank_pattern / alpha_pattern: the first key (a regex) that matches a dotted suffix of the
+    module name, ``re.match(rf"(.*\\.)?({key})$", module)``."""
+    for key in keys:
+        if re.match(rf"(.*\.)?({key})$", module):
+            return key
+    return None
 
 
 def targeted(config: dict, module: str) -> bool:

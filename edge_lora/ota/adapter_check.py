@@ -17,12 +17,11 @@ from __future__ import annotations
 
 import json
 import math
-import re
 
 import numpy as np
 
 from edge_lora.errors import CompatibilityError
-from edge_lora.formats.peft_config import check_lora_config, check_modules
+from edge_lora.formats.peft_config import check_lora_config, check_modules, pattern_key
 from edge_lora.ota.errors import BaseMismatchError, PackageError
 
 CONFIG_NAME = "adapter_config.json"
@@ -98,14 +97,6 @@ def strict_layout(data: bytes) -> dict[str, tuple[str, tuple, int, int]]:
         raise AdapterPayloadError(f"{where}: {len(data) - 8 - n - at} bytes after the last tensor; the file was "
                                   "appended to or truncated.")
     return out
-
-
-def pattern_key(keys, module: str):
-    """The rank/alpha pattern key that matches ``module`` (PEFT's matching: the key as a regex on a suffix)."""
-    for key in keys:
-        if re.match(rf"(.*\.)?({key})$", module):
-            return key
-    return None
 
 
 def _config(data: bytes) -> dict:

@@ -29,7 +29,7 @@ import numpy as np
 
 from edge_lora.errors import ExportMetaError
 from edge_lora.formats.export_meta import ExportMeta, export_folder_hash
-from edge_lora.ota.adapter_check import pattern_key
+from edge_lora.formats.peft_config import pattern_key
 from edge_lora.ota.codec import safetensors_layout
 from edge_lora.ota.errors import PackageError, ProbeError
 

@@ -40,6 +40,7 @@ from edge_lora.errors import AdapterError, BudgetError, CompatibilityError, Conf
 from edge_lora.files import atomic_folder
 from edge_lora.report import StageReport
 from edge_lora.stages.canonicalize import svd_factors
+from edge_lora.stages.tensorize import min_rank_for
 
 FORMAT = "edge_lora.many"
 VERSION = 1
@@ -396,8 +397,7 @@ def separate_truncation(adapters: dict[str, Adapter], budget: float) -> dict[str
     for name, svd in _svds(adapters).items():
         modules = {}
         for mname, (U, S, V) in svd.items():
-            tail = torch.cumsum((S ** 2).flip(0), 0).flip(0) / (S ** 2).sum()   # tail[k]: energy of k..end
-            k = next((k for k in range(len(S)) if float(tail[k]) <= budget ** 2), len(S))
+            k = max(min_rank_for(S, budget ** 2 * float((S ** 2).sum())), 1)
             root = S[:k].sqrt()
             modules[mname] = LoraModule(name=mname, kind="linear", A=(root[:, None] * V[:, :k].T).float(),
                                         B=(U[:, :k] * root).float(), scale=1.0, alpha=float(max(k, 1)))
